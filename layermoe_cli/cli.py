@@ -1,0 +1,216 @@
+"""The `layermoe` command line. Thin: each command parses its options and calls one pipeline step."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from layermoe_cli import __version__
+from layermoe_cli.console import console, err_console
+from layermoe_cli.errors import LayermoeError
+from layermoe_cli.workdir import StepAlreadyDone, Workdir
+
+app = typer.Typer(
+    name="layermoe",
+    help="Teach a dense causal LM new languages without forgetting the old ones (LayerMoE, ACL 2025).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"layermoe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    workdir: Path = typer.Option(
+        Path("layermoe-run"), "--workdir", "-w", envvar="LAYERMOE_WORKDIR", help="Work dir holding manifest.json and all outputs."
+    ),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    ctx.obj = Workdir(workdir)
+
+
+def _call(step: Callable, *args, **kwargs):
+    """Run one pipeline step; bad input becomes one line on stderr and exit code 2."""
+    try:
+        return step(*args, **kwargs)
+    except LayermoeError as e:
+        err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+        raise typer.Exit(e.exit_code)
+    except StepAlreadyDone as e:
+        console.print(f"[green]✓[/] {e}", soft_wrap=True, highlight=False)
+        raise typer.Exit(0)
+
+
+def _split(value: Optional[str]) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()] if value else []
+
+
+@app.command(epilog="Example: layermoe profile --model Qwen/Qwen1.5-1.8B --old en,zh,es --new el,hu,tr --data el=el.txt")
+def profile(
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: local dir, hub id, .gguf file, or `demo`. Needed for a new work dir."),
+    old: Optional[str] = typer.Option(None, "--old", help="Comma-separated languages the base model already handles (G0)."),
+    new: Optional[str] = typer.Option(None, "--new", help="Comma-separated languages to add in this generation."),
+    data: list[str] = typer.Option([], "--data", "-d", help="LANG=SPEC (.txt/.jsonl/.json/.parquet file or dir, hf:NAME[:CONFIG[:SPLIT]], builtin). Repeatable."),
+    text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.json/.parquet/hf data."),
+    tokens: int = typer.Option(100_000, help="Tokens sampled per language (paper: 100,000)."),
+    batch_tokens: int = typer.Option(8192, help="Tokens per forward batch."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16"),
+    seed: int = typer.Option(0, help="Seed of the token sample."),
+    include_bos: bool = typer.Option(False, "--include-bos", help="Keep the beginning-of-sequence token."),
+    force: bool = typer.Option(False, "--force", help="Redo the step even if it is done."),
+) -> None:
+    """Measure how similar languages are at every layer (Eq. 8-9)."""
+    from layermoe_cli.pipeline.profile import run_profile
+
+    _call(run_profile, ctx.obj, model=model, old=_split(old), new=_split(new), data=data, text_field=text_field,
+          tokens=tokens, batch_tokens=batch_tokens, device=device, dtype=dtype, seed=seed, include_bos=include_bos, force=force)
+
+
+@app.command(epilog="Example: layermoe allocate --budget 72   (24 layers: 24 original + 48 new experts)")
+def allocate(
+    ctx: typer.Context,
+    budget: Optional[int] = typer.Option(None, "--budget", help="δ: total experts over all layers, counting each layer's expert 0."),
+    new_experts: Optional[int] = typer.Option(None, "--new-experts", help="New experts in all; same as --budget N + layers."),
+    strategy: str = typer.Option("layerwise", help="layerwise (Eq. 10) | uniform (MoE-LPR) | random (ablation)"),
+    classifier_layers: Optional[int] = typer.Option(None, "--classifier-layers", help="K layers of highest similarity get a routing classifier (default 30% of layers; 0 = none)."),
+    rounding: str = typer.Option("exact", help="exact (Σ N^i = δ) | ceil (the paper's literal formula)"),
+    max_per_layer: Optional[int] = typer.Option(None, "--max-per-layer", help="Cap on experts in one layer."),
+    seed: int = typer.Option(0, help="Seed of the random strategy."),
+    force: bool = typer.Option(False, "--force"),
+) -> None:
+    """Decide how many experts each layer gets (Eq. 10)."""
+    from layermoe_cli.pipeline.allocate import run_allocate
+
+    _call(run_allocate, ctx.obj, budget=budget, new_experts=new_experts, strategy=strategy, classifier_layers=classifier_layers,
+          rounding=rounding, max_per_layer=max_per_layer, seed=seed, force=force)
+
+
+@app.command(epilog="Example: layermoe expand --budget 72")
+def expand(
+    ctx: typer.Context,
+    budget: Optional[int] = typer.Option(None, "--budget", help="Run `allocate --budget` first when there is no allocation yet."),
+    top_k: int = typer.Option(2, "--top-k", help="Experts per token."),
+    classifier_granularity: str = typer.Option("token", help="token (the paper) | sequence (the authors' code)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    force: bool = typer.Option(False, "--force"),
+) -> None:
+    """Upcycle the model into the layer-wise mixture of experts; save a Hugging Face checkpoint."""
+    from layermoe_cli.pipeline.expand import run_expand
+
+    _call(run_expand, ctx.obj, budget=budget, top_k=top_k, classifier_granularity=classifier_granularity, device=device, force=force)
+
+
+@app.command(epilog="Example: layermoe train --stage 1 --max-steps 1000 && layermoe train --stage 2")
+def train(
+    ctx: typer.Context,
+    stage: int = typer.Option(..., "--stage", min=1, max=2, help="1: new experts learn the new languages; 2: routers learn to protect old ones."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML with training options (flags override it)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
+    token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Stop after this many training tokens."),
+    learning_rate: Optional[float] = typer.Option(None, "--lr"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len"),
+    micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch"),
+    grad_accum_steps: Optional[int] = typer.Option(None, "--grad-accum"),
+    precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp32"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every"),
+    seed: Optional[int] = typer.Option(None),
+    force: bool = typer.Option(False, "--force"),
+) -> None:
+    """Train stage 1 or 2 (resumes from the last checkpoint after a crash)."""
+    from layermoe_cli.pipeline.train import run_train
+
+    overrides = dict(max_steps=max_steps, token_budget=token_budget, learning_rate=learning_rate, seq_len=seq_len,
+                     micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps, precision=precision,
+                     checkpoint_every=checkpoint_every, seed=seed)
+    _call(run_train, ctx.obj, stage=stage, recipe=recipe, overrides={k: v for k, v in overrides.items() if v is not None}, force=force)
+
+
+@app.command("eval", epilog="Example: layermoe eval --max-tokens 20000")
+def eval_(
+    ctx: typer.Context,
+    langs: Optional[str] = typer.Option(None, "--langs", help="Comma-separated languages (default: every language of every generation)."),
+    model: str = typer.Option("current", "--model", help="base | current | PATH"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on held-out tokens per language."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-evaluation-harness tasks, comma-separated."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot"),
+    limit: Optional[int] = typer.Option(None, "--limit"),
+    device: str = typer.Option("auto"),
+    as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON only."),
+) -> None:
+    """Bits per byte on held-out text, old vs new languages, routing health."""
+    from layermoe_cli.pipeline.evaluate import run_eval
+
+    _call(run_eval, ctx.obj, langs=_split(langs), model=model, max_tokens=max_tokens, tasks=_split(tasks),
+          num_fewshot=num_fewshot, limit=limit, device=device, as_json=as_json)
+
+
+@app.command(epilog="Example: layermoe extend --new bn,hi,ne --budget 72")
+def extend(
+    ctx: typer.Context,
+    new: str = typer.Option(..., "--new", help="Comma-separated languages of the next generation."),
+    data: list[str] = typer.Option([], "--data", "-d", help="LANG=SPEC, repeatable."),
+    budget: Optional[int] = typer.Option(None, "--budget"),
+    new_experts: Optional[int] = typer.Option(None, "--new-experts"),
+    tokens: int = typer.Option(100_000, help="Tokens sampled per language for the profile."),
+    classifier: str = typer.Option("generation", help="generation (lifelong prior) | binary (the paper's old-vs-new)"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Open the next generation: profile, allocate and expand again; earlier experts stay frozen."""
+    from layermoe_cli.pipeline.extend import run_extend
+
+    _call(run_extend, ctx.obj, new=_split(new), data=data, budget=budget, new_experts=new_experts, tokens=tokens,
+          classifier=classifier, device=device)
+
+
+@app.command(epilog="Example: layermoe status --json | jq .generations[1].allocation")
+def status(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout, nothing else."),
+) -> None:
+    """Show the lineage: base model, generations, each step's state, parameter counts."""
+    from layermoe_cli.pipeline.status import show_status
+
+    _call(show_status, ctx.obj, as_json=as_json)
+
+
+@app.command(epilog="Example: layermoe run recipes/qwen1.5-1.8b.yaml")
+def run(
+    ctx: typer.Context,
+    recipe: Path = typer.Argument(..., help="A recipe YAML (see recipes/)."),
+) -> None:
+    """Run or resume every step of a recipe through the same manifest."""
+    from layermoe_cli.pipeline.recipe import run_recipe
+
+    _call(run_recipe, ctx.obj, recipe)
+
+
+@app.command(epilog="Example: layermoe demo -w /tmp/demo")
+def demo(
+    ctx: typer.Context,
+    compare: bool = typer.Option(False, "--compare", help="Also run the MoE-LPR baseline and a dense fine-tune, side by side."),
+) -> None:
+    """The whole chain on the embedded model and corpus, offline."""
+    from layermoe_cli.pipeline.recipe import run_demo
+
+    _call(run_demo, ctx.obj, compare=compare)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

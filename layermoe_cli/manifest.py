@@ -1,0 +1,222 @@
+"""The versioned expansion manifest: `<workdir>/manifest.json`.
+
+One pydantic model holds the whole lineage: the base model, and per generation the
+languages, the data, and one record per pipeline step. It knows nothing of torch.
+Every path in it is relative to the work dir, so a work dir can be copied elsewhere.
+
+`generations[0]` is G0, the base model's own languages (its `eval` caches the base
+model's figures); `generations[g]` for g >= 1 is the g-th expansion.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from layermoe_cli import __version__
+from layermoe_cli.errors import LayermoeError
+
+SCHEMA_VERSION = 2
+
+STEP_NAMES = ("profile", "allocation", "expansion", "stage1", "stage2", "eval")
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class StepStatus(str, Enum):
+    pending = "pending"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+class _Record(BaseModel):
+    # Unknown keys are kept, so a manifest written by a newer patch release round-trips.
+    model_config = ConfigDict(extra="allow")
+
+
+class StepRecord(_Record):
+    status: StepStatus = StepStatus.pending
+    config: dict[str, Any] = Field(default_factory=dict)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    outputs: dict[str, str] = Field(default_factory=dict)  # name -> path relative to the work dir
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    pid: int | None = None
+    host: str | None = None
+    error: str | None = None
+
+
+class ProfileRecord(StepRecord):
+    languages: list[str] = Field(default_factory=list)
+    similarity: list[float] | None = None  # S^i per layer (Eq. 9)
+    new_new: list[float] | None = None
+    new_old: list[float] | None = None
+    matrix: list[list[list[float]]] | None = None  # [layer][language][language], Eq. 8
+    tokens_per_language: dict[str, int] = Field(default_factory=dict)
+    model_sha256: dict[str, str] = Field(default_factory=dict)
+
+
+class AllocationRecord(StepRecord):
+    strategy: str | None = None
+    budget: int | None = None
+    rounding: str | None = None
+    experts_per_layer: list[int] | None = None  # totals including expert 0 (Eq. 10's N^i)
+    new_experts_per_layer: list[int] | None = None
+    classifier_layers: list[int] = Field(default_factory=list)
+    overshoot: int = 0
+    new_parameters: int | None = None
+    uniform_new_parameters: int | None = None
+
+
+class ExpansionRecord(StepRecord):
+    checkpoint: str | None = None
+    max_abs_logit_diff: float | None = None
+    total_parameters: int | None = None
+    active_parameters: int | None = None
+    added_parameters: int | None = None
+
+
+class TrainRecord(StepRecord):
+    checkpoint: str | None = None
+    steps: int | None = None
+    tokens_seen: int | None = None
+    final_losses: dict[str, float] = Field(default_factory=dict)
+    frozen_checksums: dict[str, str] = Field(default_factory=dict)
+
+
+class LanguageEval(_Record):
+    bpb: float
+    token_ppl: float | None = None
+    tokens: int | None = None
+    bytes: int | None = None
+
+
+class EvalRecord(StepRecord):
+    model: str | None = None
+    languages: dict[str, LanguageEval] = Field(default_factory=dict)
+    old_avg: float | None = None
+    new_avg: float | None = None
+    routing: dict[str, Any] | None = None
+    lm_eval: dict[str, Any] | None = None
+
+
+class DataSourceRecord(_Record):
+    spec: str  # "builtin", "hf:NAME...", or a path relative to the work dir
+    kind: str
+    sha256: str
+    documents: int | None = None
+    text_field: str = "text"
+
+
+class Generation(_Record):
+    index: int
+    old_languages: list[str] = Field(default_factory=list)
+    new_languages: list[str] = Field(default_factory=list)
+    data: dict[str, DataSourceRecord] = Field(default_factory=dict)
+    profile: ProfileRecord = Field(default_factory=ProfileRecord)
+    allocation: AllocationRecord = Field(default_factory=AllocationRecord)
+    expansion: ExpansionRecord = Field(default_factory=ExpansionRecord)
+    stage1: TrainRecord = Field(default_factory=TrainRecord)
+    stage2: TrainRecord = Field(default_factory=TrainRecord)
+    eval: EvalRecord = Field(default_factory=EvalRecord)
+
+    @property
+    def languages(self) -> list[str]:
+        return self.old_languages + self.new_languages
+
+    def step(self, name: str) -> StepRecord:
+        if name not in STEP_NAMES:
+            raise KeyError(name)
+        return getattr(self, name)
+
+
+class BaseModelRecord(_Record):
+    spec: str  # as the user gave it; a local path is stored relative to the work dir
+    kind: str  # local | hub | gguf | demo
+    path: str | None = None
+    hub_id: str | None = None
+    revision: str | None = None
+    gguf_file: str | None = None
+    sha256: dict[str, str] = Field(default_factory=dict)
+    model_type: str | None = None
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_parameters: int | None = None
+
+
+class Manifest(_Record):
+    schema_version: int = SCHEMA_VERSION
+    tool_version: str = __version__
+    created_at: datetime = Field(default_factory=utc_now)
+    updated_at: datetime = Field(default_factory=utc_now)
+    base_model: BaseModelRecord | None = None
+    generations: list[Generation] = Field(default_factory=list)
+
+    @property
+    def current(self) -> Generation:
+        """The newest expansion generation (G1 or later)."""
+        if len(self.generations) < 2:
+            raise LayermoeError("the manifest has no expansion generation yet: run `layermoe profile` first")
+        return self.generations[-1]
+
+    def generation_of_language(self) -> dict[str, int]:
+        return {lang: g.index for g in self.generations for lang in g.new_languages}
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+# --- schema migrations -------------------------------------------------------------
+# Each entry upgrades a manifest dict from version v to v + 1. Old work dirs keep working.
+
+
+def _v1_to_v2(data: dict) -> dict:
+    """v1 called the allocation budget `delta` and had no per-step pid/host."""
+    for generation in data.get("generations", []):
+        allocation = generation.get("allocation") or {}
+        if "delta" in allocation:
+            allocation["budget"] = allocation.pop("delta")
+    return data
+
+
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2}
+
+
+def migrate(data: dict) -> dict:
+    version = data.get("schema_version")
+    if not isinstance(version, int):
+        raise LayermoeError("manifest.json has no integer schema_version: it is not a layermoe manifest")
+    if version > SCHEMA_VERSION:
+        raise LayermoeError(
+            f"manifest.json has schema version {version}, newer than this layermoe ({__version__}) "
+            f"understands (up to {SCHEMA_VERSION}): upgrade layermoe (pip install -U layermoe)"
+        )
+    while version < SCHEMA_VERSION:
+        data = MIGRATIONS[version](data)
+        version += 1
+        data["schema_version"] = version
+    return data
+
+
+def parse_manifest(text: str, source: str = "manifest.json") -> Manifest:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LayermoeError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}): restore it or start a new work dir")
+    if not isinstance(data, dict):
+        raise LayermoeError(f"{source} is not a JSON object: it is not a layermoe manifest")
+    data = migrate(data)
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise LayermoeError(f"{source} does not match the manifest schema at `{where}`: {first['msg']}")

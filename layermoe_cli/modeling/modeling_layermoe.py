@@ -1,0 +1,479 @@
+"""Layer-wise mixture of experts on top of any dense HF causal LM (Llama, Qwen2/3, Mistral, Gemma/2).
+
+The base family's CausalLM is built as is; only the `mlp` of the layers that received new
+experts is swapped for a `LayermoeMoeBlock`. Attention, norms, embeddings, rotary and the
+KV cache stay the family's own code, so an upcycled model computes what the base computed.
+
+Self-contained on purpose (imports only torch, transformers and the sibling config file):
+this file is copied into every checkpoint so it loads with `trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_layermoe import LayermoeConfig
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+# ----------------------------------------------------------------------------------------
+# Routing
+# ----------------------------------------------------------------------------------------
+def route_top_k(router_logits: torch.Tensor, top_k: int, allowed: torch.Tensor | None = None):
+    """Softmax over the experts in fp32, keep the top-k, renormalise the k weights (Sec. 3).
+
+    router_logits: [R, E]; allowed: optional [R, E] bool, experts a token may use (the
+    top-k is clipped to each token's allowed count). Returns (weights [R, k], experts [R, k],
+    valid [R, k] bool) with k = min(top_k, E); invalid slots have weight 0.
+    """
+    k = min(top_k, router_logits.shape[-1])
+    logits = router_logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = logits.softmax(dim=-1)  # [R, E]
+    weights, experts = probs.topk(k, dim=-1)  # [R, k]
+    if allowed is None:
+        valid = torch.ones_like(weights, dtype=torch.bool)
+    else:
+        k_per_token = allowed.sum(-1, keepdim=True).clamp(max=k)  # [R, 1]
+        valid = torch.arange(k, device=logits.device) < k_per_token  # [R, k]
+        weights = weights * valid
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts, valid
+
+
+def allowed_experts_per_class(generation_ids: list[int], num_classes: int, device=None) -> torch.Tensor:
+    """[C, E] bool: which experts a token of classifier class c may be routed to.
+
+    Binary classifier (C = 2): class 1 ("new") may use every expert. With one class per
+    generation (C > 2): class c may use experts of generations <= c. Class 0 never reaches
+    the router (it goes to expert 0 alone), its row is expert 0 only for completeness.
+    """
+    gens = torch.tensor(generation_ids, device=device)  # [E]
+    classes = torch.arange(num_classes, device=device)[:, None]  # [C, 1]
+    if num_classes == 2:
+        allowed = (classes > 0) | (gens[None, :] == 0)
+    else:
+        allowed = gens[None, :] <= classes
+    return allowed  # [C, E]
+
+
+# ----------------------------------------------------------------------------------------
+# Experts
+# ----------------------------------------------------------------------------------------
+class LayermoeExpertGroup(nn.Module):
+    """The new experts one generation added to one layer, stacked in their own tensors.
+
+    Separate tensors per generation make freezing a generation a plain `requires_grad_`.
+    gate_up_proj: [E_g, 2I, H] (gate rows first, then up rows); down_proj: [E_g, H, I].
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype=None, device=None):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype, device=device))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype, device=device))
+
+    @torch.no_grad()
+    def copy_from_mlp(self, mlp: nn.Module) -> None:
+        """Make every expert of the group an exact copy of a gate/up/down MLP (upcycling)."""
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)  # [2I, H]
+        self.gate_up_proj.copy_(gate_up.expand_as(self.gate_up_proj))
+        self.down_proj.copy_(mlp.down_proj.weight.expand_as(self.down_proj))
+
+    def extra_repr(self) -> str:
+        e, two_i, h = self.gate_up_proj.shape
+        return f"experts={e}, hidden={h}, intermediate={two_i // 2}"
+
+
+def grouped_mm_usable(x: torch.Tensor, group: LayermoeExpertGroup) -> bool:
+    """grouped_mm needs 16-byte aligned rows; on CUDA also SM80+."""
+    if _grouped_mm is None:
+        return False
+    size = x.element_size()
+    _, two_i, h = group.gate_up_proj.shape
+    if (h * size) % 16 or (two_i // 2 * size) % 16:
+        return False
+    if x.device.type == "cuda":
+        return torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return True
+
+
+def experts_grouped(group, act_fn, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """All experts of a group in two grouped GEMMs. x_sorted: [P, H] sorted by expert; counts: [E_g]."""
+    offs = counts.cumsum(0).to(torch.int32)  # [E_g], end of each expert's rows
+    gate_up = _grouped_mm(x_sorted, group.gate_up_proj.transpose(1, 2), offs=offs)  # [P, 2I]
+    gate, up = gate_up.chunk(2, dim=-1)
+    return _grouped_mm(act_fn(gate) * up, group.down_proj.transpose(1, 2), offs=offs)  # [P, H]
+
+
+def experts_loop(group, act_fn, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Same as `experts_grouped`, one expert at a time (exact reference, any device/shape)."""
+    outputs = []
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        xe = x_sorted[start : start + n]  # [n, H]
+        gate, up = F.linear(xe, group.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
+        outputs.append(F.linear(act_fn(gate) * up, group.down_proj[e]))  # [n, H]
+        start += n
+    return torch.cat(outputs, dim=0)
+
+
+class LayermoeMoeBlock(nn.Module):
+    """Replaces one decoder layer's `mlp`: expert 0 (the base MLP) + one group of experts per generation.
+
+    Router: Linear(H -> E, bias=False), columns ordered expert 0, G1's experts, G2's, ...
+    Optional routing classifier (Eq. 11-13): Linear(H -> C, bias=False); a token of class 0
+    goes to expert 0 alone with weight 1 and costs nothing else.
+    """
+
+    def __init__(
+        self,
+        expert0: nn.Module,
+        new_experts: list[int],
+        top_k: int = 2,
+        classifier_classes: int = 0,
+        classifier_granularity: str = "token",
+        classifier_routing: bool = True,
+        experts_implementation: str = "auto",
+    ):
+        super().__init__()
+        weight = expert0.gate_proj.weight  # [I, H]
+        intermediate_size, hidden_size = weight.shape
+        self.expert0 = expert0
+        self.experts = nn.ModuleDict(
+            {
+                f"g{g}": LayermoeExpertGroup(n, hidden_size, intermediate_size, dtype=weight.dtype, device=weight.device)
+                for g, n in enumerate(new_experts, start=1)
+                if n > 0
+            }
+        )
+        self.new_experts = list(new_experts)
+        self.num_experts = 1 + sum(new_experts)
+        self.router = nn.Linear(hidden_size, self.num_experts, bias=False, dtype=weight.dtype, device=weight.device)
+        self.classifier = None
+        if classifier_classes:
+            self.classifier = nn.Linear(hidden_size, classifier_classes, bias=False, dtype=weight.dtype, device=weight.device)
+        self.top_k = top_k
+        self.classifier_granularity = classifier_granularity
+        self.classifier_routing = classifier_routing
+        self.experts_implementation = experts_implementation
+        # Set by LayermoeForCausalLM around each forward.
+        self.attention_mask: torch.Tensor | None = None
+        self.record_logits = False
+        self.last_router_logits: torch.Tensor | None = None
+        self.last_classifier_logits: torch.Tensor | None = None
+
+    @property
+    def generation_ids(self) -> list[int]:
+        ids = [0]
+        for g, n in enumerate(self.new_experts, start=1):
+            ids += [g] * n
+        return ids
+
+    def expert_ranges(self):
+        """(name, group, first router column, last+1) of each generation group."""
+        start = 1
+        for g, n in enumerate(self.new_experts, start=1):
+            if n > 0:
+                yield f"g{g}", self.experts[f"g{g}"], start, start + n
+            start += n
+
+    def _use_grouped(self, x: torch.Tensor) -> bool:
+        if self.experts_implementation == "loop":
+            return False
+        if self.experts_implementation == "grouped":
+            return True
+        return x.is_cuda
+
+    def classifier_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[B, S, H] -> [B*S, H]: each token itself, or its sequence's mean over non-padding tokens."""
+        b, s, h = hidden_states.shape
+        if self.classifier_granularity == "token":
+            return hidden_states.reshape(-1, h)
+        mask = self.attention_mask
+        if mask is not None and mask.dim() == 2:
+            keep = mask[:, -s:].to(hidden_states.dtype).unsqueeze(-1)  # [B, S, 1]
+        else:
+            keep = hidden_states.new_ones(b, s, 1)
+        pooled = (hidden_states * keep).sum(1) / keep.sum(1).clamp(min=1)  # [B, H]
+        return pooled.unsqueeze(1).expand(b, s, h).reshape(-1, h)
+
+    def dispatch_plan(self, router_logits: torch.Tensor, token_class: torch.Tensor | None):
+        """Which (token, expert, weight) pairs to compute. Returns three [P] tensors."""
+        t = router_logits.shape[0]
+        device = router_logits.device
+        if token_class is None:
+            routed = torch.arange(t, device=device)
+            allowed = None
+        else:
+            old = token_class == 0
+            routed = (~old).nonzero().squeeze(1)  # [R]
+            allowed = None
+            if self.classifier.out_features > 2:
+                table = allowed_experts_per_class(self.generation_ids, self.classifier.out_features, device)
+                allowed = table[token_class[routed]]  # [R, E]
+        weights, experts, valid = route_top_k(router_logits[routed], self.top_k, allowed)  # [R, k] each
+        k = weights.shape[1]
+        token_idx = routed.unsqueeze(1).expand(-1, k)[valid]
+        expert_idx = experts[valid]
+        weight = weights[valid]
+        if token_class is not None:
+            old_idx = old.nonzero().squeeze(1)
+            token_idx = torch.cat([old_idx, token_idx])
+            expert_idx = torch.cat([torch.zeros_like(old_idx), expert_idx])
+            weight = torch.cat([torch.ones(old_idx.shape, device=device), weight])
+        return token_idx, expert_idx, weight
+
+    def run_experts(self, x: torch.Tensor, token_idx, expert_idx, weight) -> torch.Tensor:
+        """Compute the planned pairs and sum them per token with their weights. x: [T, H] -> [T, H]."""
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # fp32 accumulation
+        act_fn = self.expert0.act_fn
+        pick = expert_idx == 0
+        tok = token_idx[pick]
+        if tok.numel():
+            y = self.expert0(x[tok])  # [n0, H]
+            out.index_add_(0, tok, y.float() * weight[pick].unsqueeze(1))
+        for _, group, lo, hi in self.expert_ranges():
+            pick = (expert_idx >= lo) & (expert_idx < hi)
+            local = expert_idx[pick] - lo
+            if local.numel() == 0:
+                continue
+            local, order = local.sort(stable=True)
+            tok = token_idx[pick][order]
+            w = weight[pick][order]
+            counts = torch.bincount(local, minlength=group.num_experts)  # [E_g]
+            x_sorted = x[tok]  # [P, H]
+            if self._use_grouped(x) and grouped_mm_usable(x, group):
+                y = experts_grouped(group, act_fn, x_sorted, counts)
+            else:
+                y = experts_loop(group, act_fn, x_sorted, counts)
+            out.index_add_(0, tok, y.float() * w.unsqueeze(1))
+        return out.to(x.dtype)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, s, h = hidden_states.shape
+        x = hidden_states.reshape(-1, h)  # [T, H]
+        router_logits = F.linear(x.float(), self.router.weight.float())  # [T, E]
+        token_class = None
+        classifier_logits = None
+        if self.classifier is not None:
+            cls_in = self.classifier_input(hidden_states)  # [T, H]
+            classifier_logits = F.linear(cls_in.float(), self.classifier.weight.float())  # [T, C]
+            if self.classifier_routing:
+                token_class = classifier_logits.detach().argmax(-1)  # [T]
+        if self.record_logits:
+            self.last_router_logits = router_logits
+            self.last_classifier_logits = classifier_logits
+        plan = self.dispatch_plan(router_logits, token_class)
+        return self.run_experts(x, *plan).reshape(b, s, h)
+
+
+# ----------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------
+@dataclass
+class LayermoeCausalLMOutput(ModelOutput):
+    """CausalLM output plus, on request, per-MoE-layer router and classifier logits.
+
+    router_logits[i]: [T, E_i] fp32 pre-softmax; classifier_logits[i]: [T, C];
+    T = batch * seq in row-major order of input_ids, padding included.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    router_logits: dict | None = None
+    classifier_logits: dict | None = None
+
+
+def decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:
+    inner = getattr(causal_lm, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(causal_lm).__name__} has no .model.layers; only decoder-only LMs are supported")
+    return layers
+
+
+class LayermoePreTrainedModel(PreTrainedModel):
+    config_class = LayermoeConfig
+    base_model_prefix = "lm"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, LayermoeExpertGroup):
+            nn.init.normal_(module.gate_up_proj, std=std)
+            nn.init.normal_(module.down_proj, std=std)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+
+
+class LayermoeForCausalLM(LayermoePreTrainedModel, GenerationMixin):
+    def __init__(self, config: LayermoeConfig, lm: PreTrainedModel | None = None):
+        super().__init__(config)
+        if lm is None:
+            kwargs = {"dtype": torch.get_default_dtype()}
+            if config._attn_implementation is not None:
+                kwargs["attn_implementation"] = config._attn_implementation
+            lm = AutoModelForCausalLM.from_config(config.base_pretrained_config(), **kwargs)
+        self.lm = lm
+        layers = decoder_layers(lm)
+        classes = config.classifier_classes if config.classifier_layers else 0
+        for i in config.moe_layers:
+            layers[i].mlp = LayermoeMoeBlock(
+                layers[i].mlp,
+                config.new_experts[i],
+                top_k=config.top_k,
+                classifier_classes=classes if i in config.classifier_layers else 0,
+                classifier_granularity=config.classifier_granularity,
+                classifier_routing=config.classifier_routing,
+                experts_implementation=config.experts_implementation,
+            )
+        self.post_init()
+
+    # -- helpers -------------------------------------------------------------------------
+    def moe_blocks(self) -> dict[int, LayermoeMoeBlock]:
+        """Layer index -> MoE block, for the MoE layers only."""
+        return {i: layer.mlp for i, layer in enumerate(decoder_layers(self.lm)) if isinstance(layer.mlp, LayermoeMoeBlock)}
+
+    def expert_generation_ids(self, layer: int) -> list[int]:
+        """Generation of each router column of `layer`, e.g. [0, 1, 1, 1, 2, 2]."""
+        return self.config.expert_generation_ids(layer)
+
+    def set_moe_implementation(self, name: str) -> None:
+        """Switch all MoE blocks between "auto", "grouped" and "loop" (same outputs, different speed)."""
+        if name not in ("auto", "grouped", "loop"):
+            raise ValueError(f"experts implementation {name!r}; use auto, grouped or loop")
+        self.config.experts_implementation = name
+        for block in self.moe_blocks().values():
+            block.experts_implementation = name
+
+    def set_classifier_routing(self, enabled: bool) -> None:
+        """Let the routing classifier decide routing (True) or only produce logits (False, e.g. stage 1)."""
+        self.config.classifier_routing = bool(enabled)
+        for block in self.moe_blocks().values():
+            block.classifier_routing = bool(enabled)
+
+    def get_input_embeddings(self):
+        return self.lm.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.lm.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.lm.set_output_embeddings(value)
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values=None,
+        output_router_logits: bool = False,
+        **kwargs,
+    ) -> LayermoeCausalLMOutput:
+        kwargs.pop("return_dict", None)
+        blocks = self.moe_blocks()
+        for block in blocks.values():
+            block.attention_mask = attention_mask
+            block.record_logits = output_router_logits
+        try:
+            out = self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                past_key_values=past_key_values,
+                return_dict=True,
+                **kwargs,
+            )
+            router_logits = classifier_logits = None
+            if output_router_logits:
+                router_logits = {i: b.last_router_logits for i, b in blocks.items()}
+                classifier_logits = {i: b.last_classifier_logits for i, b in blocks.items() if b.classifier is not None}
+        finally:
+            for block in blocks.values():
+                block.attention_mask = None
+                block.record_logits = False
+                block.last_router_logits = block.last_classifier_logits = None
+        return LayermoeCausalLMOutput(
+            loss=out.loss,
+            logits=out.logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            router_logits=router_logits,
+            classifier_logits=classifier_logits,
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# Freezing
+# ----------------------------------------------------------------------------------------
+def parameter_groups(model: LayermoeForCausalLM) -> dict[str, list[str]]:
+    """Parameter names by role: router, classifier, expert0, experts_g1, experts_g2, ..., base.
+
+    "base" is everything else: embeddings, attention, norms, lm_head and dense layers' MLPs.
+    """
+    groups: dict[str, list[str]] = {"router": [], "classifier": [], "expert0": []}
+    for g in range(1, model.config.num_generations + 1):
+        groups[f"experts_g{g}"] = []
+    groups["base"] = []
+    for name, _ in model.named_parameters():
+        if ".mlp.router." in name:
+            groups["router"].append(name)
+        elif ".mlp.classifier." in name:
+            groups["classifier"].append(name)
+        elif ".mlp.expert0." in name:
+            groups["expert0"].append(name)
+        elif ".mlp.experts.g" in name:
+            generation = name.split(".mlp.experts.g", 1)[1].split(".", 1)[0]
+            groups.setdefault(f"experts_g{generation}", []).append(name)
+        else:
+            groups["base"].append(name)
+    return groups
+
+
+def register_auto_classes() -> None:
+    """Make AutoConfig / AutoModelForCausalLM know "layermoe" (no trust_remote_code needed)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.register("layermoe", LayermoeConfig)
+    except ValueError:
+        pass  # already registered
+    try:
+        AutoModelForCausalLM.register(LayermoeConfig, LayermoeForCausalLM)
+    except ValueError:
+        pass
+
+
+__all__ = [
+    "LayermoeCausalLMOutput",
+    "LayermoeExpertGroup",
+    "LayermoeForCausalLM",
+    "LayermoeMoeBlock",
+    "LayermoePreTrainedModel",
+    "parameter_groups",
+    "register_auto_classes",
+    "route_top_k",
+]

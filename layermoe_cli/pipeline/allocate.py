@@ -1,0 +1,106 @@
+"""`layermoe allocate`: how many experts each layer gets (Eq. 10, or a baseline)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from layermoe_cli.console import console, err_console
+from layermoe_cli.errors import LayermoeError
+from layermoe_cli.manifest import Generation, Manifest, StepStatus
+from layermoe_cli.workdir import Workdir, run_step, session
+
+STRATEGIES = ("layerwise", "uniform", "random")
+
+
+def resolve_budget(budget: int | None, new_experts: int | None, num_layers: int) -> int:
+    """δ counts every layer's expert 0: `--new-experts N` is `--budget N + layers`."""
+    if (budget is None) == (new_experts is None):
+        raise LayermoeError(f"give exactly one of --budget (δ, counting expert 0 of each of the {num_layers} layers) or --new-experts")
+    return budget if budget is not None else new_experts + num_layers
+
+
+def run_allocate(workdir: Workdir, *, budget, new_experts, strategy, classifier_layers, rounding, max_per_layer, seed,
+                 force) -> None:
+    with session(workdir):
+        manifest = workdir.load()
+        generation = manifest.current
+        allocate_generation(workdir, manifest, generation, budget=budget, new_experts=new_experts, strategy=strategy,
+                            classifier_layers=classifier_layers, rounding=rounding, max_per_layer=max_per_layer,
+                            seed=seed, force=force)
+
+
+def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Generation, *, budget=None, new_experts=None,
+                        strategy="layerwise", classifier_layers=None, rounding="exact", max_per_layer=None, seed=0,
+                        force=False) -> None:
+    from layermoe_cli import allocation as alloc
+
+    num_layers = manifest.base_model.num_layers
+    if strategy not in STRATEGIES:
+        raise LayermoeError(f"unknown strategy {strategy!r}: use layerwise, uniform or random")
+    if rounding not in ("exact", "ceil"):
+        raise LayermoeError(f"unknown rounding {rounding!r}: use exact or ceil")
+    budget = resolve_budget(budget, new_experts, num_layers)
+    alloc.validate_budget(num_layers, budget, max_per_layer)
+    k = round(0.3 * num_layers) if classifier_layers is None else classifier_layers
+    if k < 0 or k > num_layers:
+        raise LayermoeError(f"--classifier-layers {k} is out of range: the model has {num_layers} layers (0 turns classifiers off)")
+    profiled = generation.profile.status == StepStatus.done
+    if strategy == "layerwise" and not profiled:
+        raise LayermoeError(f"layerwise allocation needs the similarity profile of G{generation.index}: "
+                            "run `layermoe profile` first (or use --strategy uniform|random)")
+    if generation.expansion.status == StepStatus.done and not force:
+        raise LayermoeError(f"G{generation.index} is expanded already with this allocation: pass --force to re-allocate "
+                            "(then re-run `layermoe expand --force`)")
+
+    config = dict(budget=budget, strategy=strategy, classifier_layers=k, rounding=rounding, max_per_layer=max_per_layer, seed=seed)
+    with run_step(workdir, manifest, generation.allocation, f"allocation of G{generation.index}", config, force) as record:
+        similarity = generation.profile.similarity if profiled else None
+        overshoot = 0
+        if strategy == "layerwise":
+            result = alloc.allocate_layerwise(similarity, budget, rounding=rounding, max_per_layer=max_per_layer)
+            experts, overshoot = result.experts_per_layer, result.overshoot
+        elif strategy == "uniform":
+            experts = alloc.allocate_uniform(num_layers, budget)
+        else:
+            experts = alloc.allocate_random(num_layers, budget, seed=seed, max_per_layer=max_per_layer)
+        record.strategy, record.budget, record.rounding, record.overshoot = strategy, budget, rounding, overshoot
+        record.experts_per_layer = list(experts)
+        record.new_experts_per_layer = [n - 1 for n in experts]
+        record.classifier_layers = alloc.classifier_layers(similarity, k) if similarity is not None else []
+        base = manifest.base_model
+        per_expert = 3 * base.hidden_size * base.intermediate_size
+        record.new_parameters = alloc.new_parameter_count(experts, per_expert, base.hidden_size, record.classifier_layers)
+        uniform = alloc.allocate_uniform(num_layers, budget)
+        record.uniform_new_parameters = alloc.new_parameter_count(uniform, per_expert, base.hidden_size, [])
+
+        out = workdir.generation_dir(generation.index)
+        out.mkdir(parents=True, exist_ok=True)
+        from layermoe_cli.plots import plot_allocation
+
+        plot_allocation(record.experts_per_layer, similarity, record.classifier_layers, out / "allocation.png",
+                        uniform_reference=uniform)
+        record.outputs = {"plot": workdir.rel(out / "allocation.png")}
+        console.print(allocation_table(manifest, generation))
+        if overshoot:
+            err_console.print(f"[yellow]note:[/] literal ceil (Eq. 10) gives Σ N^i = {sum(experts)}, {overshoot} over δ = {budget}")
+
+
+def allocation_table(manifest: Manifest, generation: Generation) -> Table:
+    record = generation.allocation
+    base = manifest.base_model
+    table = Table(title=f"G{generation.index} allocation ({record.strategy}, δ = {record.budget}): "
+                        f"{sum(record.new_experts_per_layer)} new experts", title_justify="left")
+    table.add_column("layer", justify="right")
+    table.add_column("S^i", justify="right")
+    table.add_column("experts N^i", justify="right")
+    table.add_column("new", justify="right")
+    table.add_column("classifier")
+    similarity = generation.profile.similarity
+    for i, n in enumerate(record.experts_per_layer):
+        s = f"{similarity[i]:.4f}" if similarity else "—"
+        table.add_row(str(i), s, str(n), str(n - 1), "✓" if i in record.classifier_layers else "")
+    share = f" = {100 * record.new_parameters / base.num_parameters:.1f}% of the base model" if base.num_parameters else ""
+    uniform_share = (f" ({100 * record.uniform_new_parameters / base.num_parameters:.1f}%)" if base.num_parameters else "")
+    table.caption = (f"new parameters: {record.new_parameters:,}{share}; "
+                     f"uniform (MoE-LPR) at the same budget: {record.uniform_new_parameters:,}{uniform_share}")
+    return table

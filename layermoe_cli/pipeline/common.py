@@ -1,0 +1,135 @@
+"""What several pipeline steps share: devices, dtypes, progress bars, which model a step works on."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from layermoe_cli.console import err_console
+from layermoe_cli.errors import LayermoeError
+from layermoe_cli.manifest import Generation, Manifest, StepStatus
+from layermoe_cli.workdir import Workdir
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise LayermoeError(f"unknown device {device!r}: use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LayermoeError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in choices:
+        raise LayermoeError(f"unknown dtype {dtype!r}: use auto, float32 or bfloat16")
+    return choices[dtype]
+
+
+@contextmanager
+def token_progress(description: str) -> Iterator:
+    """A Rich progress bar on stderr; yields `update(task_label, done, total)`."""
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
+    tasks: dict[str, int] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        if label not in tasks:
+            tasks[label] = progress.add_task(f"{description} {label}", total=total, rate="")
+        task_id = tasks[label]
+        task = progress.tasks[task_id]
+        elapsed = task.elapsed or 0.0
+        rate = f"{done / elapsed:,.0f} tok/s" if elapsed > 0 else ""
+        progress.update(task_id, completed=done, total=total, rate=rate)
+
+    with progress:
+        yield update
+
+
+def latest_checkpoint(generation: Generation) -> str | None:
+    """The newest model of a generation: stage 2, else stage 1, else the expansion."""
+    for record in (generation.stage2, generation.stage1):
+        if record.status == StepStatus.done and record.checkpoint:
+            return record.checkpoint
+    if generation.expansion.status == StepStatus.done:
+        return generation.expansion.checkpoint
+    return None
+
+
+def model_source_for(workdir: Workdir, manifest: Manifest, generation: Generation) -> tuple[str, str]:
+    """What a step of `generation` starts from: ("base", spec) for G1, else ("layermoe", path)."""
+    if generation.index <= 1:
+        return "base", ""
+    previous = manifest.generations[generation.index - 1]
+    checkpoint = latest_checkpoint(previous)
+    if checkpoint is None:
+        raise LayermoeError(f"G{previous.index} has no model yet: run `layermoe expand` (and train) for it first")
+    return "layermoe", str(workdir.resolve(checkpoint))
+
+
+def load_base(workdir: Workdir, manifest: Manifest, device: str = "cpu", dtype=None):
+    """Load the base model recorded in the manifest (paths are relative to the work dir)."""
+    import torch
+
+    from layermoe_cli.models import load_model, resolve_model_spec
+
+    base = manifest.base_model
+    spec = base.hub_id if base.kind == "hub" else ("demo" if base.kind == "demo" else str(workdir.resolve(base.path)))
+    if base.kind in ("local", "gguf") and not Path(spec).exists():
+        raise LayermoeError(
+            f"the base model is not at {spec} (stored relative to the work dir as {base.path}): "
+            "put it back there or start a new work dir"
+        )
+    source = resolve_model_spec(spec, revision=base.revision)
+    return load_model(source, device=device, dtype=dtype or torch.float32, cache_dir=workdir.cache_dir / "models")
+
+
+def load_generation_model(workdir: Workdir, manifest: Manifest, generation: Generation, device: str, dtype=None):
+    """The model a step of `generation` reads: the base model for G1, the previous generation's for later ones."""
+    kind, path = model_source_for(workdir, manifest, generation)
+    if kind == "base":
+        return load_base(workdir, manifest, device=device, dtype=dtype)
+    return load_checkpoint(path, device=device, dtype=dtype)
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu", dtype=None):
+    import torch
+    from transformers import AutoTokenizer
+
+    from layermoe_cli.modeling import load_layermoe
+
+    model = load_layermoe(path, device=device, dtype=dtype or torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def texts_for(workdir: Workdir, generation: Generation, language: str, split: str) -> list[str]:
+    """Documents of one language from the data source recorded for it (train or held-out side)."""
+    from layermoe_cli.data import load_texts
+
+    source = generation.data[language]
+    spec = source.spec
+    if source.kind not in ("builtin", "hf"):
+        spec = str(workdir.resolve(spec))
+    return load_texts(language, spec, split=split, cache_dir=workdir.cache_dir / "datasets", text_field=source.text_field)

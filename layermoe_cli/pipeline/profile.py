@@ -1,0 +1,169 @@
+"""`layermoe profile`: layer-wise language similarity of the current model (Eq. 8-9)."""
+
+from __future__ import annotations
+
+import json
+
+from rich.table import Table
+
+from layermoe_cli.console import console, err_console
+from layermoe_cli.errors import LayermoeError
+from layermoe_cli.manifest import BaseModelRecord, DataSourceRecord, Generation, Manifest
+from layermoe_cli.pipeline.common import (
+    load_generation_model,
+    resolve_device,
+    resolve_dtype,
+    texts_for,
+    token_progress,
+)
+from layermoe_cli.workdir import Workdir, atomic_write_text, run_step, session
+
+
+def describe_data(workdir: Workdir, languages: list[str], data_args: list[str], text_field: str,
+                  inherited: dict[str, DataSourceRecord] | None = None) -> dict[str, DataSourceRecord]:
+    """One data source per language: --data if given, else what an earlier generation used, else builtin."""
+    from layermoe_cli.data import describe_source, parse_data_args
+
+    given = parse_data_args(data_args)
+    unknown = sorted(set(given) - set(languages))
+    if unknown:
+        raise LayermoeError(f"--data given for {', '.join(unknown)}, which is not among the languages ({', '.join(languages)})")
+    inherited = inherited or {}
+    records = {}
+    for language in languages:
+        if language not in given and language in inherited:
+            records[language] = inherited[language]
+            continue
+        spec = given.get(language, "builtin")
+        info = describe_source(language, spec, text_field=text_field)
+        if info["kind"] not in ("builtin", "hf"):
+            spec = workdir.rel(spec)
+        records[language] = DataSourceRecord(spec=spec, kind=info["kind"], sha256=info["sha256"],
+                                             documents=info.get("num_documents"), text_field=text_field)
+    return records
+
+
+def new_manifest(workdir: Workdir, model: str | None, old: list[str], new: list[str]) -> Manifest:
+    """The manifest of a fresh work dir: G0 = the base model's languages, G1 = the first new group."""
+    from layermoe_cli.languages import validate_language
+    from layermoe_cli.models import check_supported, resolve_model_spec, weights_sha256
+
+    if not model:
+        raise LayermoeError("a new work dir needs --model (a local dir, a hub id, a .gguf file, or `demo`)")
+    if not old or not new:
+        raise LayermoeError("a new work dir needs --old and --new, e.g. --old en,zh,es --new el,hu,tr")
+    old = [validate_language(code) for code in old]
+    new = [validate_language(code) for code in new]
+    _check_disjoint(old, new)
+    source = resolve_model_spec(model)
+    config = check_supported(source)
+    base = BaseModelRecord(
+        spec=model if source.kind in ("hub", "demo") else workdir.rel(model),
+        kind=source.kind,
+        path=None if source.kind in ("hub", "demo") else workdir.rel(source.path),
+        hub_id=getattr(source, "hub_id", None),
+        revision=getattr(source, "revision", None),
+        gguf_file=getattr(source, "gguf_file", None),
+        sha256=weights_sha256(source),
+        model_type=config.model_type,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+    )
+    return Manifest(
+        base_model=base,
+        generations=[Generation(index=0, new_languages=old), Generation(index=1, old_languages=old, new_languages=new)],
+    )
+
+
+def _check_disjoint(old: list[str], new: list[str]) -> None:
+    for group, name in ((old, "--old"), (new, "--new")):
+        if len(set(group)) != len(group):
+            raise LayermoeError(f"{name} lists a language twice: {', '.join(group)}")
+    both = sorted(set(old) & set(new))
+    if both:
+        raise LayermoeError(f"{', '.join(both)} is both old and new: a language belongs to one generation")
+
+
+def run_profile(workdir: Workdir, *, model, old, new, data, text_field, tokens, batch_tokens, device, dtype, seed,
+                include_bos, force) -> None:
+    if tokens < 1 or batch_tokens < 1:
+        raise LayermoeError("--tokens and --batch-tokens must be positive")
+    with session(workdir):
+        if workdir.has_manifest():
+            manifest = workdir.load()
+            generation = manifest.current
+            _check_matches(manifest, generation, model, old, new)
+        else:
+            manifest = new_manifest(workdir, model, old, new)
+            generation = manifest.generations[1]
+        generation.data = describe_data(workdir, generation.languages, data, text_field, inherited=generation.data)
+        device = resolve_device(device)
+        config = dict(tokens=tokens, batch_tokens=batch_tokens, device=device, dtype=dtype, seed=seed, include_bos=include_bos)
+        label = f"profile of G{generation.index}"
+        with run_step(workdir, manifest, generation.profile, label, config, force) as record:
+            _profile(workdir, manifest, generation, record, tokens, batch_tokens, device, resolve_dtype(dtype, device), seed, include_bos)
+
+
+def _check_matches(manifest: Manifest, generation: Generation, model, old, new) -> None:
+    if model and manifest.base_model and model not in (manifest.base_model.spec, manifest.base_model.hub_id):
+        raise LayermoeError(
+            f"this work dir was made from {manifest.base_model.spec}, not {model}: use another --workdir for another model"
+        )
+    if old and old != generation.old_languages:
+        raise LayermoeError(f"G{generation.index} has old languages {', '.join(generation.old_languages)}, not {', '.join(old)}: "
+                            "use another --workdir, or `layermoe extend` for a next generation")
+    if new and new != generation.new_languages:
+        raise LayermoeError(f"G{generation.index} adds {', '.join(generation.new_languages)}, not {', '.join(new)}: "
+                            "use `layermoe extend --new ...` to open the next generation")
+
+
+def _profile(workdir, manifest, generation, record, tokens, batch_tokens, device, dtype, seed, include_bos) -> None:
+    from layermoe_cli.plots import plot_profile
+    from layermoe_cli.similarity import layer_scores, new_new_new_old_curves, profile_model
+
+    texts = {lang: texts_for(workdir, generation, lang, "train") for lang in generation.languages}
+    model, tokenizer = load_generation_model(workdir, manifest, generation, device=device, dtype=dtype)
+    if manifest.base_model.num_parameters is None and generation.index == 1:
+        manifest.base_model.num_parameters = sum(p.numel() for p in model.parameters())
+    with token_progress("profile") as update:
+        result = profile_model(model, tokenizer, texts, tokens_per_language=tokens, batch_tokens=batch_tokens,
+                               include_bos=include_bos, seed=seed, device=device, progress=update)
+    old, new = generation.old_languages, generation.new_languages
+    record.languages = list(result.languages)
+    record.matrix = result.matrix
+    record.similarity = layer_scores(result.matrix, result.languages, old, new)
+    record.new_new, record.new_old = new_new_new_old_curves(result.matrix, result.languages, old, new)
+    record.tokens_per_language = dict(result.tokens_per_language)
+    record.model_sha256 = manifest.base_model.sha256 if generation.index == 1 else {}
+    for language, count in result.tokens_per_language.items():
+        if count == 0:
+            raise LayermoeError(f"no tokens of {language} to profile: its training-side data is empty")
+
+    out = workdir.generation_dir(generation.index)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = dict(languages=record.languages, old=old, new=new, similarity=record.similarity, new_new=record.new_new,
+                   new_old=record.new_old, tokens_per_language=record.tokens_per_language, matrix=record.matrix)
+    atomic_write_text(out / "profile.json", json.dumps(payload, indent=1))
+    plot_profile(record.similarity, record.matrix, record.languages, old, new, out / "profile.png")
+    record.outputs = {"json": workdir.rel(out / "profile.json"), "plot": workdir.rel(out / "profile.png")}
+    console.print(profile_table(generation, record))
+    err_console.print(f"wrote {record.outputs['plot']} and {record.outputs['json']} in {workdir.root}")
+
+
+def profile_table(generation: Generation, record) -> Table:
+    table = Table(title=f"G{generation.index} layer similarity S^i (Eq. 9): {', '.join(generation.new_languages)} vs "
+                        f"{', '.join(generation.old_languages)}", title_justify="left")
+    table.add_column("layer", justify="right")
+    table.add_column("S^i", justify="right")
+    table.add_column("new–new", justify="right")
+    table.add_column("new–old", justify="right")
+    order = sorted(range(len(record.similarity)), key=lambda i: record.similarity[i])
+    rank = {layer: r for r, layer in enumerate(order)}
+    for i, score in enumerate(record.similarity):
+        style = "bold" if rank[i] < 3 else ""
+        nn = "—" if record.new_new is None or record.new_new[i] is None else f"{record.new_new[i]:.4f}"
+        table.add_row(str(i), f"[{style}]{score:.4f}[/]" if style else f"{score:.4f}", nn, f"{record.new_old[i]:.4f}")
+    table.caption = "lowest three (most language-specific) in bold; tokens: " + ", ".join(
+        f"{k} {v:,}" for k, v in record.tokens_per_language.items())
+    return table

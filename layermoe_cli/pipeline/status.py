@@ -1,0 +1,70 @@
+"""`layermoe status`: the lineage as a Rich table, or the manifest as JSON."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.table import Table
+
+from layermoe_cli.console import console
+from layermoe_cli.manifest import STEP_NAMES, Manifest, StepStatus
+from layermoe_cli.workdir import Workdir
+
+_STYLE = {
+    StepStatus.done: "[green]✓[/]",
+    StepStatus.running: "[yellow]…[/]",
+    StepStatus.failed: "[red]✗[/]",
+    StepStatus.pending: "[dim]·[/]",
+}
+_SHORT = {"profile": "prof", "allocation": "alloc", "expansion": "exp", "stage1": "st1", "stage2": "st2", "eval": "eval"}
+
+
+def _millions(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e6:,.2f}M"
+
+
+def show_status(workdir: Workdir, as_json: bool = False) -> None:
+    manifest = workdir.load()  # reading needs no lock: the manifest is replaced atomically
+    if as_json:
+        sys.stdout.write(manifest.to_json() + "\n")
+        return
+    console.print(lineage_table(manifest))
+
+
+def lineage_table(manifest: Manifest) -> Table:
+    base = manifest.base_model
+    title = f"layermoe {manifest.tool_version} — base: {base.spec if base else '?'}"
+    if base and base.num_parameters:
+        title += f" ({_millions(base.num_parameters)} parameters, {base.num_layers} layers)"
+    table = Table(title=title, title_justify="left")
+    table.add_column("gen")
+    table.add_column("languages")
+    for name in STEP_NAMES:
+        table.add_column(_SHORT[name], justify="center")
+    table.add_column("experts\n(new)", justify="right")
+    table.add_column("params\ntotal / active", justify="right")
+    table.add_column("added", justify="right")
+    for generation in manifest.generations:
+        if generation.index == 0:
+            table.add_row("G0", ", ".join(generation.new_languages) + " (base)", *["" for _ in STEP_NAMES], "", "", "")
+            continue
+        alloc, exp = generation.allocation, generation.expansion
+        experts = "—"
+        if alloc.experts_per_layer:
+            experts = f"{sum(alloc.experts_per_layer)} ({sum(alloc.new_experts_per_layer or [])})"
+        params = "—"
+        if exp.total_parameters:
+            params = f"{_millions(exp.total_parameters)} / {_millions(exp.active_parameters)}"
+        added = "—"
+        if exp.added_parameters is not None and base and base.num_parameters:
+            added = f"{_millions(exp.added_parameters)} (+{100 * exp.added_parameters / base.num_parameters:.1f}%)"
+        table.add_row(
+            f"G{generation.index}",
+            f"{', '.join(generation.old_languages)} → {', '.join(generation.new_languages)}",
+            *[_STYLE[generation.step(name).status] for name in STEP_NAMES],
+            experts,
+            params,
+            added,
+        )
+    table.caption = "✓ done  … running  ✗ failed  · pending"
+    return table

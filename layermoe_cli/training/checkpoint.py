@@ -1,0 +1,170 @@
+"""Nothing lost: frozen-weight checksums and atomic, resumable training checkpoints.
+
+A checkpoint is a directory `step-000123/` under `<work_dir>/checkpoints/`. It is written as
+`.tmp-step-000123/`, every file fsynced, a `COMPLETE` marker written last, and only then
+renamed into place (rename is atomic on POSIX). A crash at any moment leaves either the
+previous checkpoints alone or a `.tmp-*` directory that is ignored and cleared on the next
+save, so nothing that looks complete can be half-written.
+
+Contents (single process / DDP): `trainable.safetensors` (the trainable weights only; the
+frozen ones are checked by checksum instead), `optimizer.pt`, `scheduler.pt`,
+`rng-rank<r>.pt` per process (python, numpy, torch CPU and CUDA), `state.json` (step, data
+position, tokens seen, the config fingerprint). With FSDP / DeepSpeed the sharded model and
+optimizer go through `accelerator.save_state`, which knows their layouts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from layermoe_cli.errors import LayermoeError
+
+COMPLETE = "COMPLETE"
+_PREFIX = "step-"
+
+
+class FrozenWeightsChanged(LayermoeError):
+    """A tensor that training must not touch has changed."""
+
+
+# ---------------------------------------------------------------- frozen checksums
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes (dtype and shape folded in, so a cast is a change too)."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def frozen_checksums(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
+    """name -> sha256 for every given tensor (call it with the frozen parameters)."""
+    return {name: tensor_sha256(t) for name, t in named_tensors}
+
+
+def verify_frozen(named_tensors: Iterable[tuple[str, torch.Tensor]], expected: dict[str, str]) -> None:
+    """Raise FrozenWeightsChanged naming the tensors whose bytes differ from `expected`."""
+    seen = {}
+    for name, t in named_tensors:
+        if name in expected:
+            seen[name] = tensor_sha256(t)
+    missing = sorted(set(expected) - set(seen))
+    changed = sorted(n for n, h in seen.items() if h != expected[n])
+    if changed or missing:
+        names = changed + [f"{m} (missing)" for m in missing]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise FrozenWeightsChanged(
+            f"frozen weights changed during training: {shown}; the result was not saved, report this as a bug"
+        )
+
+
+# ---------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- directories
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first (a directory without COMPLETE is ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(_PREFIX) and (p / COMPLETE).is_file():
+            try:
+                found.append((int(p.name[len(_PREFIX) :]), p))
+            except ValueError:
+                continue
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def staging_dir(root: Path, step: int) -> Path:
+    return Path(root) / f".tmp-{_PREFIX}{step:06d}"
+
+
+def final_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"{_PREFIX}{step:06d}"
+
+
+def prepare_staging(root: Path, step: int) -> Path:
+    """(main process) Clear stale temp dirs and create the staging dir for `step`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for p in root.glob(f".tmp-{_PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
+    stage = staging_dir(root, step)
+    stage.mkdir()
+    return stage
+
+
+def _fsync_tree(directory: Path) -> None:
+    for p in sorted(directory.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(root: Path, step: int, keep: int) -> Path:
+    """(main process, after every rank wrote its files) fsync, mark COMPLETE, rename, prune."""
+    stage = staging_dir(root, step)
+    (stage / COMPLETE).write_text("ok\n")
+    _fsync_tree(stage)
+    target = final_dir(root, step)
+    if target.exists():  # a complete checkpoint of the same step from an earlier attempt
+        shutil.rmtree(target)
+    os.replace(stage, target)
+    _fsync_dir(Path(root))
+    for old in checkpoint_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def write_json(path: Path, payload: dict) -> None:
+    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
