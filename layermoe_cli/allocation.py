@@ -208,9 +208,7 @@ def allocate(
         if len(similarity) != num_layers:
             raise LayermoeError(f"got {len(similarity)} layer similarities for a model with {num_layers} layers: profile this model again")
         return allocate_layerwise(similarity, budget, rounding=rounding, max_per_layer=max_per_layer)
-    if strategy == "uniform":
-        if max_per_layer is not None and -(-budget // num_layers) > max_per_layer:
-            raise LayermoeError(f"a uniform allocation of {budget} experts needs more than {max_per_layer} per layer: lower the budget")
+    if strategy == "uniform":  # budget <= layers x max (checked above) keeps every count <= max
         return allocate_uniform(num_layers, budget)
     return allocate_random(num_layers, budget, seed, max_per_layer)
 

@@ -40,8 +40,24 @@ def _global(
     ctx.obj = Workdir(workdir)
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars say what is happening; the libraries' per-file bars are noise."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def _call(step: Callable, *args, **kwargs):
     """Run one pipeline step; bad input becomes one line on stderr and exit code 2."""
+    _quiet_libraries()
     try:
         return step(*args, **kwargs)
     except LayermoeError as e:
@@ -147,14 +163,16 @@ def eval_(
     tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-evaluation-harness tasks, comma-separated."),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot"),
     limit: Optional[int] = typer.Option(None, "--limit"),
+    tasks_path: Optional[Path] = typer.Option(None, "--tasks-path", help="Folder of extra lm-eval task YAMLs (e.g. local data)."),
     device: str = typer.Option("auto"),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON only."),
+    force: bool = typer.Option(False, "--force", help="Measure again even if this model was measured with these settings."),
 ) -> None:
     """Bits per byte on held-out text, old vs new languages, routing health."""
     from layermoe_cli.pipeline.evaluate import run_eval
 
     _call(run_eval, ctx.obj, langs=_split(langs), model=model, max_tokens=max_tokens, tasks=_split(tasks),
-          num_fewshot=num_fewshot, limit=limit, device=device, as_json=as_json)
+          num_fewshot=num_fewshot, limit=limit, device=device, as_json=as_json, force=force, include_path=tasks_path)
 
 
 @app.command(epilog="Example: layermoe extend --new bn,hi,ne --budget 72")

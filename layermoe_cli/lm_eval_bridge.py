@@ -48,6 +48,7 @@ def run_lm_eval(
     include_path: str | Path | None = None,
     batch_size: int = 1,
     return_samples: bool = False,
+    include_defaults: bool = True,
 ) -> dict:
     """Score `model` on lm-eval `tasks`; returns plain dicts.
 
@@ -56,14 +57,17 @@ def run_lm_eval(
      "n_samples": {task: {"original", "effective"}},
      "samples": {task: [per-document records]}  (only with return_samples)}
 
-    `include_path` is a folder of extra task YAMLs (e.g. local data sets).
+    `include_path` is a folder of extra task YAMLs (e.g. local data sets);
+    `include_defaults=False` skips indexing lm-eval's ~10k built-in tasks (about 15 s).
     """
     if not tasks:
         raise LayermoeError("no lm-eval task given: name at least one, e.g. arc_challenge")
     lm_eval, HFLM, TaskManager = _import_lm_eval()
     if include_path is not None and not Path(include_path).is_dir():
         raise LayermoeError(f"lm-eval include path {include_path} is not a folder of task YAML files")
-    task_manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    task_manager = TaskManager(
+        include_path=str(include_path) if include_path is not None else None, include_defaults=include_defaults
+    )
     unknown = [t for t in tasks if not task_manager.match_tasks([t])]
     if unknown:
         raise LayermoeError(f"unknown lm-eval task(s): {', '.join(unknown)} (list them with `lm-eval ls tasks`, or pass a folder of task YAMLs)")

@@ -88,8 +88,14 @@ def make_tiny_config(family: str = "llama", num_layers: int = 2, vocab_size: int
     return AutoConfig.for_model(model_type, bos_token_id=0, eos_token_id=0, pad_token_id=1, **kwargs)
 
 
-def make_tiny_model(directory: str | Path, family: str = "llama", num_layers: int = 2, seed: int = 0, **overrides) -> Path:
-    """Save a random tiny model of `family` plus tokenizer to `directory`; return the path."""
+def make_tiny_model(directory: str | Path, family: str = "llama", num_layers: int = 2, seed: int = 0,
+                    shared_direction: float = 0.0, **overrides) -> Path:
+    """Save a random tiny model of `family` plus tokenizer to `directory`; return the path.
+
+    `shared_direction` > 0 adds one common vector to every token embedding, so hidden states
+    share a direction as in trained models (their cosine similarities are then positive,
+    which Eq. 10 needs); 0 keeps a plain random model.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -103,6 +109,9 @@ def make_tiny_model(directory: str | Path, family: str = "llama", num_layers: in
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+        if shared_direction:
+            embeddings = model.get_input_embeddings().weight
+            embeddings.add_(shared_direction * torch.randn(embeddings.shape[1]))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -191,7 +191,7 @@ def test_classifier_layers():
         (lambda: allocate_random(3, 13, 0, max_per_layer=4), "expert budget 13 exceeds 3 layers x 4 experts per layer = 12: lower the budget or raise the per-layer maximum"),
         (lambda: allocate("layerwise", 3, 6), "the layerwise strategy needs layer similarities: run the profile step first"),
         (lambda: allocate("layerwise", 3, 6, [0.5, 0.5]), "got 2 layer similarities for a model with 3 layers: profile this model again"),
-        (lambda: allocate("uniform", 3, 10, max_per_layer=4), "expert budget 10 exceeds 3 layers x 4 experts per layer = 12: lower the budget or raise the per-layer maximum"),
+        (lambda: allocate("uniform", 3, 10, max_per_layer=3), "expert budget 10 exceeds 3 layers x 3 experts per layer = 9: lower the budget or raise the per-layer maximum"),
         (lambda: allocate("other", 3, 6), "unknown allocation strategy 'other': choose one of layerwise, uniform, random"),
     ],
 )

@@ -51,10 +51,13 @@ class LayermoeConfig(PretrainedConfig):
     classifier_classes: int = 2
     classifier_granularity: str = "token"
     classifier_routing: bool = True
-    top_k: int = 2
+    # Router top-k. Not called `top_k`: transformers would read that as a sampling parameter.
+    num_experts_per_tok: int = 2
     experts_implementation: str = "auto"
 
     def __post_init__(self, **kwargs: Any):
+        if "top_k" in kwargs:
+            raise ValueError("LayermoeConfig has no top_k (a sampling parameter in transformers); use num_experts_per_tok")
         self.base_config = dict(self.base_config or {})
         self.new_experts = [[int(n) for n in row] for row in (self.new_experts or [])]
         self.classifier_layers = sorted(int(i) for i in (self.classifier_layers or []))
@@ -124,8 +127,8 @@ class LayermoeConfig(PretrainedConfig):
             raise ValueError(
                 f"experts_implementation={self.experts_implementation!r}; use one of {', '.join(EXPERTS_IMPLEMENTATIONS)}"
             )
-        if self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k}; it must be at least 1")
+        if self.num_experts_per_tok < 1:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok}; it must be at least 1")
 
 
 __all__ = ["LayermoeConfig"]

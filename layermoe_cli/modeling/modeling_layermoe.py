@@ -306,6 +306,19 @@ def decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def _build_base_lm(config: LayermoeConfig) -> PreTrainedModel:
+    """The base family's CausalLM, in the current default dtype, with the requested attention if it has it."""
+    kwargs = {"dtype": torch.get_default_dtype()}
+    if config._attn_implementation is not None:
+        try:
+            return AutoModelForCausalLM.from_config(
+                config.base_pretrained_config(), attn_implementation=config._attn_implementation, **kwargs
+            )
+        except (ValueError, ImportError):
+            pass  # e.g. sdpa asked for at the top level but the family lacks it: let the family choose
+    return AutoModelForCausalLM.from_config(config.base_pretrained_config(), **kwargs)
+
+
 class LayermoePreTrainedModel(PreTrainedModel):
     config_class = LayermoeConfig
     base_model_prefix = "lm"
@@ -328,10 +341,7 @@ class LayermoeForCausalLM(LayermoePreTrainedModel, GenerationMixin):
     def __init__(self, config: LayermoeConfig, lm: PreTrainedModel | None = None):
         super().__init__(config)
         if lm is None:
-            kwargs = {"dtype": torch.get_default_dtype()}
-            if config._attn_implementation is not None:
-                kwargs["attn_implementation"] = config._attn_implementation
-            lm = AutoModelForCausalLM.from_config(config.base_pretrained_config(), **kwargs)
+            lm = _build_base_lm(config)
         self.lm = lm
         layers = decoder_layers(lm)
         classes = config.classifier_classes if config.classifier_layers else 0
@@ -339,7 +349,7 @@ class LayermoeForCausalLM(LayermoePreTrainedModel, GenerationMixin):
             layers[i].mlp = LayermoeMoeBlock(
                 layers[i].mlp,
                 config.new_experts[i],
-                top_k=config.top_k,
+                top_k=config.num_experts_per_tok,
                 classifier_classes=classes if i in config.classifier_layers else 0,
                 classifier_granularity=config.classifier_granularity,
                 classifier_routing=config.classifier_routing,

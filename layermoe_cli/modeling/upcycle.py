@@ -100,7 +100,7 @@ def upcycle(
             classifier_layers=cls_layers,
             classifier_classes=classifier_classes,
             classifier_granularity=classifier_granularity,
-            top_k=top_k,
+            num_experts_per_tok=top_k,
         )
     except ValueError as err:
         raise LayermoeError(str(err)) from None
@@ -181,7 +181,7 @@ def add_generation(
             block = LayermoeMoeBlock(
                 expert0,
                 new_rows[i],
-                top_k=config.top_k,
+                top_k=config.num_experts_per_tok,
                 classifier_classes=classes if i in cls_layers else 0,
                 classifier_granularity=config.classifier_granularity,
                 classifier_routing=config.classifier_routing,

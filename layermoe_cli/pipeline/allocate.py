@@ -9,9 +9,6 @@ from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import Generation, Manifest, StepStatus
 from layermoe_cli.workdir import Workdir, run_step, session
 
-STRATEGIES = ("layerwise", "uniform", "random")
-
-
 def resolve_budget(budget: int | None, new_experts: int | None, num_layers: int) -> int:
     """δ counts every layer's expert 0: `--new-experts N` is `--budget N + layers`."""
     if (budget is None) == (new_experts is None):
@@ -35,15 +32,11 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
     from layermoe_cli import allocation as alloc
 
     num_layers = manifest.base_model.num_layers
-    if strategy not in STRATEGIES:
-        raise LayermoeError(f"unknown strategy {strategy!r}: use layerwise, uniform or random")
     if rounding not in ("exact", "ceil"):
         raise LayermoeError(f"unknown rounding {rounding!r}: use exact or ceil")
     budget = resolve_budget(budget, new_experts, num_layers)
-    alloc.validate_budget(num_layers, budget, max_per_layer)
-    k = round(0.3 * num_layers) if classifier_layers is None else classifier_layers
-    if k < 0 or k > num_layers:
-        raise LayermoeError(f"--classifier-layers {k} is out of range: the model has {num_layers} layers (0 turns classifiers off)")
+    k = alloc.default_classifier_k(num_layers) if classifier_layers is None else classifier_layers
+    alloc.validate_budget(num_layers, budget, max_per_layer, k=k, strategy=strategy)
     profiled = generation.profile.status == StepStatus.done
     if strategy == "layerwise" and not profiled:
         raise LayermoeError(f"layerwise allocation needs the similarity profile of G{generation.index}: "
@@ -55,14 +48,9 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
     config = dict(budget=budget, strategy=strategy, classifier_layers=k, rounding=rounding, max_per_layer=max_per_layer, seed=seed)
     with run_step(workdir, manifest, generation.allocation, f"allocation of G{generation.index}", config, force) as record:
         similarity = generation.profile.similarity if profiled else None
-        overshoot = 0
-        if strategy == "layerwise":
-            result = alloc.allocate_layerwise(similarity, budget, rounding=rounding, max_per_layer=max_per_layer)
-            experts, overshoot = result.experts_per_layer, result.overshoot
-        elif strategy == "uniform":
-            experts = alloc.allocate_uniform(num_layers, budget)
-        else:
-            experts = alloc.allocate_random(num_layers, budget, seed=seed, max_per_layer=max_per_layer)
+        result = alloc.allocate(strategy, num_layers, budget, similarity, rounding=rounding,
+                                max_per_layer=max_per_layer, seed=seed)
+        experts, overshoot = result.experts_per_layer, result.overshoot
         record.strategy, record.budget, record.rounding, record.overshoot = strategy, budget, rounding, overshoot
         record.experts_per_layer = list(experts)
         record.new_experts_per_layer = [n - 1 for n in experts]
@@ -70,7 +58,7 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
         base = manifest.base_model
         per_expert = 3 * base.hidden_size * base.intermediate_size
         record.new_parameters = alloc.new_parameter_count(experts, per_expert, base.hidden_size, record.classifier_layers)
-        uniform = alloc.allocate_uniform(num_layers, budget)
+        uniform = alloc.allocate_uniform(num_layers, budget).experts_per_layer
         record.uniform_new_parameters = alloc.new_parameter_count(uniform, per_expert, base.hidden_size, [])
 
         out = workdir.generation_dir(generation.index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -51,15 +52,19 @@ def token_progress(description: str) -> Iterator:
         transient=False,
     )
     tasks: dict[str, int] = {}
+    started: dict[str, float] = {}
+    last_event = [time.perf_counter()]
 
     def update(label: str, done: int, total: int) -> None:
+        # The first report of a label comes after its first batch: its clock starts at the previous report.
+        now = time.perf_counter()
         if label not in tasks:
             tasks[label] = progress.add_task(f"{description} {label}", total=total, rate="")
-        task_id = tasks[label]
-        task = progress.tasks[task_id]
-        elapsed = task.elapsed or 0.0
+            started[label] = last_event[0]
+        last_event[0] = now
+        elapsed = now - started[label]
         rate = f"{done / elapsed:,.0f} tok/s" if elapsed > 0 else ""
-        progress.update(task_id, completed=done, total=total, rate=rate)
+        progress.update(tasks[label], completed=done, total=total, rate=rate)
 
     with progress:
         yield update
@@ -93,7 +98,7 @@ def load_base(workdir: Workdir, manifest: Manifest, device: str = "cpu", dtype=N
     from layermoe_cli.models import load_model, resolve_model_spec
 
     base = manifest.base_model
-    spec = base.hub_id if base.kind == "hub" else ("demo" if base.kind == "demo" else str(workdir.resolve(base.path)))
+    spec = {"hub": base.hub_id, "demo": "demo"}.get(base.kind) or str(workdir.resolve(base.path))
     if base.kind in ("local", "gguf") and not Path(spec).exists():
         raise LayermoeError(
             f"the base model is not at {spec} (stored relative to the work dir as {base.path}): "

@@ -1,7 +1,132 @@
-"""`layermoe expand`."""
+"""`layermoe expand`: upcycle into the layer-wise MoE and save a Hugging Face checkpoint."""
 
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from rich.table import Table
+
+from layermoe_cli.console import console, err_console
 from layermoe_cli.errors import LayermoeError
+from layermoe_cli.manifest import Generation, Manifest, StepStatus
+from layermoe_cli.pipeline.common import load_generation_model, resolve_device, texts_for
+from layermoe_cli.workdir import Workdir, fsync_dir, run_step, session
+
+# Logits of the expanded model must equal the base model's this closely (fp32).
+PRESERVATION_TOLERANCE = 1e-4
+CHECKPOINT_DIR = "expanded"
 
 
-def run_expand(workdir, **options):
-    raise LayermoeError("`layermoe expand` is not built yet in this version (expansion lands with issue 4)")
+def run_expand(workdir: Workdir, *, budget=None, top_k=2, classifier_granularity="token", device="auto", force=False,
+               router_init=None, classifier="binary") -> None:
+    with session(workdir):
+        manifest = workdir.load()
+        expand_generation(workdir, manifest, manifest.current, budget=budget, top_k=top_k,
+                          classifier_granularity=classifier_granularity, device=device, force=force,
+                          router_init=router_init, classifier=classifier)
+
+
+def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generation, *, budget=None, top_k=2,
+                      classifier_granularity="token", device="auto", force=False, router_init=None,
+                      classifier="binary") -> None:
+    if top_k < 1:
+        raise LayermoeError(f"--top-k must be at least 1, not {top_k}")
+    if classifier_granularity not in ("token", "sequence"):
+        raise LayermoeError(f"unknown classifier granularity {classifier_granularity!r}: use token or sequence")
+    if generation.allocation.status != StepStatus.done:
+        if budget is None:
+            raise LayermoeError(f"G{generation.index} has no allocation yet: run `layermoe allocate --budget N` first, "
+                                "or pass --budget to `expand`")
+        from layermoe_cli.pipeline.allocate import allocate_generation
+
+        strategy = "layerwise" if generation.profile.status == StepStatus.done else "uniform"
+        allocate_generation(workdir, manifest, generation, budget=budget, strategy=strategy)
+    allocation = generation.allocation
+    if len(allocation.experts_per_layer) != manifest.base_model.num_layers:
+        raise LayermoeError(f"the allocation has {len(allocation.experts_per_layer)} layers but the model has "
+                            f"{manifest.base_model.num_layers}: run `layermoe allocate --force --budget N` again")
+    out = workdir.generation_dir(generation.index) / CHECKPOINT_DIR
+    if out.exists() and not _is_ours(out):
+        raise LayermoeError(f"{out} exists and is not a layermoe checkpoint: move it away or use another --workdir")
+
+    device = resolve_device(device)
+    config = dict(top_k=top_k, classifier_granularity=classifier_granularity, device=device, router_init=router_init,
+                  classifier=classifier)
+    with run_step(workdir, manifest, generation.expansion, f"expansion of G{generation.index}", config, force) as record:
+        _expand(workdir, manifest, generation, record, out, top_k, classifier_granularity, device, router_init, classifier)
+
+
+def _is_ours(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "layermoe"
+    except (OSError, ValueError):
+        return False
+
+
+def _expand(workdir, manifest, generation, record, out, top_k, granularity, device, router_init, classifier) -> None:
+    import torch
+
+    from layermoe_cli.modeling import add_generation, save_layermoe, upcycle
+
+    source, tokenizer = load_generation_model(workdir, manifest, generation, device=device, dtype=torch.float32)
+    probe = _probe_batch(workdir, generation, tokenizer, device)
+    with torch.no_grad():
+        reference = source(**probe).logits.float()
+    allocation = generation.allocation
+    if generation.index == 1:
+        model = upcycle(source, allocation.new_experts_per_layer, classifier_layers=allocation.classifier_layers,
+                        top_k=top_k, classifier_granularity=granularity)
+    else:
+        options = {} if router_init is None else {"router_init": router_init}
+        model = add_generation(source, allocation.new_experts_per_layer, allocation.classifier_layers,
+                               binary_classifier=(classifier == "binary"), **options)
+    model.eval()
+    with torch.no_grad():
+        logits = model(**probe).logits.float()
+    diff = (logits - reference).abs().max().item()
+    if not diff <= PRESERVATION_TOLERANCE:
+        raise RuntimeError(f"the expanded model does not reproduce its source (max |Δlogit| = {diff:.3g}): this is a bug")
+
+    # Write next to the target, then rename: a crash never leaves a checkpoint that looks complete.
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_layermoe(model, staging, tokenizer=tokenizer)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    fsync_dir(out.parent)
+
+    base = manifest.base_model
+    total = sum(p.numel() for p in model.parameters())
+    per_expert = 3 * base.hidden_size * base.intermediate_size
+    idle = sum(max(0, n - min(top_k, n)) for n in model.config.experts_per_layer) * per_expert
+    record.checkpoint = workdir.rel(out)
+    record.max_abs_logit_diff = diff
+    record.total_parameters, record.active_parameters = total, total - idle
+    record.added_parameters = total - base.num_parameters if base.num_parameters else None
+    record.outputs = {"checkpoint": record.checkpoint}
+    console.print(_table(generation, record, base.num_parameters))
+    err_console.print(f"checked: max |Δlogit| against the source model = {diff:.2e} (≤ {PRESERVATION_TOLERANCE:g})")
+
+
+def _probe_batch(workdir, generation, tokenizer, device, documents_per_language: int = 2, max_length: int = 64):
+    """A few held-out sequences of every language of the generation: what `expand` checks itself on."""
+    texts = []
+    for language in generation.languages:
+        texts += texts_for(workdir, generation, language, "heldout")[:documents_per_language]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+def _table(generation: Generation, record, base_parameters) -> Table:
+    table = Table(title=f"G{generation.index} expanded → {record.checkpoint}", title_justify="left")
+    table.add_column("total parameters", justify="right")
+    table.add_column("active per token", justify="right")
+    table.add_column("added", justify="right")
+    table.add_column("max |Δlogit| vs source", justify="right")
+    added = "—"
+    if record.added_parameters is not None and base_parameters:
+        added = f"{record.added_parameters:,} (+{100 * record.added_parameters / base_parameters:.1f}%)"
+    table.add_row(f"{record.total_parameters:,}", f"{record.active_parameters:,}", added, f"{record.max_abs_logit_diff:.2e}")
+    return table

@@ -56,24 +56,48 @@ def new_manifest(workdir: Workdir, model: str | None, old: list[str], new: list[
     new = [validate_language(code) for code in new]
     _check_disjoint(old, new)
     source = resolve_model_spec(model)
-    config = check_supported(source)
+    check_supported({"model_type": peek_model_type(source)} if source.kind != "hub" else {"model_type": "llama"})
+    kind = "demo" if model == "demo" else source.kind
+    stored_path = None if kind in ("hub", "demo") else workdir.rel(source.path / source.gguf_file if kind == "gguf" else source.path)
     base = BaseModelRecord(
-        spec=model if source.kind in ("hub", "demo") else workdir.rel(model),
-        kind=source.kind,
-        path=None if source.kind in ("hub", "demo") else workdir.rel(source.path),
-        hub_id=getattr(source, "hub_id", None),
-        revision=getattr(source, "revision", None),
-        gguf_file=getattr(source, "gguf_file", None),
-        sha256=weights_sha256(source),
-        model_type=config.model_type,
-        num_layers=config.num_hidden_layers,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
+        spec=model if kind in ("hub", "demo") else stored_path,
+        kind=kind,
+        path=stored_path,
+        hub_id=source.hub_id,
+        revision=source.revision,
+        gguf_file=source.gguf_file,
+        sha256=weights_sha256(source) if kind != "hub" else {},
     )
     return Manifest(
         base_model=base,
         generations=[Generation(index=0, new_languages=old), Generation(index=1, old_languages=old, new_languages=new)],
     )
+
+
+def peek_model_type(source) -> str | None:
+    """The architecture of a local or GGUF model, read without loading its weights."""
+    import json
+
+    from layermoe_cli.models import gguf_architecture
+
+    if source.kind == "local":
+        return json.loads((source.path / "config.json").read_text()).get("model_type")
+    if source.kind == "gguf":
+        return gguf_architecture(source.gguf_path)
+    return None
+
+
+def record_base_shape(manifest: Manifest, model) -> None:
+    """Fill the base model's shape once it is loaded (hub and GGUF models show it only then)."""
+    from layermoe_cli.models import check_supported
+
+    base, config = manifest.base_model, model.config
+    check_supported(config)
+    base.model_type = config.model_type
+    base.num_layers = config.num_hidden_layers
+    base.hidden_size = config.hidden_size
+    base.intermediate_size = config.intermediate_size
+    base.num_parameters = sum(p.numel() for p in model.parameters())
 
 
 def _check_disjoint(old: list[str], new: list[str]) -> None:
@@ -120,12 +144,14 @@ def _check_matches(manifest: Manifest, generation: Generation, model, old, new) 
 
 def _profile(workdir, manifest, generation, record, tokens, batch_tokens, device, dtype, seed, include_bos) -> None:
     from layermoe_cli.plots import plot_profile
-    from layermoe_cli.similarity import layer_scores, new_new_new_old_curves, profile_model
+
+
+    from layermoe_cli.similarity import layer_scores, pair_means, profile_model
 
     texts = {lang: texts_for(workdir, generation, lang, "train") for lang in generation.languages}
     model, tokenizer = load_generation_model(workdir, manifest, generation, device=device, dtype=dtype)
-    if manifest.base_model.num_parameters is None and generation.index == 1:
-        manifest.base_model.num_parameters = sum(p.numel() for p in model.parameters())
+    if generation.index == 1:
+        record_base_shape(manifest, model)
     with token_progress("profile") as update:
         result = profile_model(model, tokenizer, texts, tokens_per_language=tokens, batch_tokens=batch_tokens,
                                include_bos=include_bos, seed=seed, device=device, progress=update)
@@ -133,7 +159,9 @@ def _profile(workdir, manifest, generation, record, tokens, batch_tokens, device
     record.languages = list(result.languages)
     record.matrix = result.matrix
     record.similarity = layer_scores(result.matrix, result.languages, old, new)
-    record.new_new, record.new_old = new_new_new_old_curves(result.matrix, result.languages, old, new)
+    new_new, new_old = pair_means(result.matrix, result.languages, old, new)
+    record.new_new = None if len(new) == 1 else [float(x) for x in new_new]
+    record.new_old = [float(x) for x in new_old]
     record.tokens_per_language = dict(result.tokens_per_language)
     record.model_sha256 = manifest.base_model.sha256 if generation.index == 1 else {}
     for language, count in result.tokens_per_language.items():
@@ -162,7 +190,7 @@ def profile_table(generation: Generation, record) -> Table:
     rank = {layer: r for r, layer in enumerate(order)}
     for i, score in enumerate(record.similarity):
         style = "bold" if rank[i] < 3 else ""
-        nn = "—" if record.new_new is None or record.new_new[i] is None else f"{record.new_new[i]:.4f}"
+        nn = "—" if record.new_new is None else f"{record.new_new[i]:.4f}"
         table.add_row(str(i), f"[{style}]{score:.4f}[/]" if style else f"{score:.4f}", nn, f"{record.new_old[i]:.4f}")
     table.caption = "lowest three (most language-specific) in bold; tokens: " + ", ".join(
         f"{k} {v:,}" for k, v in record.tokens_per_language.items())

@@ -1,7 +1,96 @@
-"""`layermoe train --stage 1|2`."""
+"""`layermoe train --stage 1|2`: the two training stages of the current generation.
 
+Under `accelerate launch` every rank runs this; rank 0 alone holds the work dir's lock and
+writes the manifest, the other ranks only read it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from layermoe_cli.console import err_console
 from layermoe_cli.errors import LayermoeError
+from layermoe_cli.manifest import Generation, Manifest, StepStatus
+from layermoe_cli.pipeline.common import texts_for
+from layermoe_cli.workdir import StepAlreadyDone, Workdir, require_done, run_step, session
 
 
-def run_train(workdir, **options):
-    raise LayermoeError("`layermoe train` is not built yet in this version (training lands with issue 5)")
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def run_train(workdir: Workdir, *, stage: int, recipe=None, overrides=None, force=False) -> None:
+    from layermoe_cli.training.config import load_train_config
+
+    config = load_train_config(recipe, stage=stage, **(overrides or {}))
+    if _rank() != 0:
+        manifest = workdir.load()
+        generation = manifest.current
+        if generation.step(f"stage{stage}").status == StepStatus.done and not force:
+            return
+        _train(workdir, manifest, generation, stage, config)
+        return
+    with session(workdir):
+        manifest = workdir.load()
+        train_generation(workdir, manifest, manifest.current, stage, config, force=force)
+
+
+def train_generation(workdir: Workdir, manifest: Manifest, generation: Generation, stage: int, config, force=False) -> None:
+    if stage == 1:
+        require_done(generation.expansion, f"expansion of G{generation.index}", "layermoe expand")
+    else:
+        require_done(generation.stage1, f"stage 1 of G{generation.index}", "layermoe train --stage 1")
+    record = generation.step(f"stage{stage}")
+    if record.status == StepStatus.done and not force:
+        raise StepAlreadyDone(f"stage {stage} of G{generation.index} is done already (use --force to redo it)")
+    if force:
+        _clear_checkpoints(workdir, generation, stage)
+
+    def stale(previous):
+        err_console.print(f"stage {stage} of G{generation.index} was left running by pid {previous.pid} on {previous.host}: "
+                          "resuming from its last checkpoint")
+
+    label = f"stage {stage} of G{generation.index}"
+    with run_step(workdir, manifest, record, label, config.model_dump(mode="json"), force=True, on_stale=stale) as rec:
+        result = _train(workdir, manifest, generation, stage, config)
+        rec.checkpoint = workdir.rel(_output_dir(workdir, generation, stage))
+        rec.steps, rec.tokens_seen = result.steps, result.tokens_seen
+        rec.final_losses = dict(result.final_losses)
+        rec.frozen_checksums = dict(result.frozen_checksums)
+        rec.outputs = {"checkpoint": rec.checkpoint, "log": workdir.rel(result.log_path)}
+        rec.metrics = {"tokens_per_second": result.tokens_per_second}
+
+
+def _output_dir(workdir: Workdir, generation: Generation, stage: int) -> Path:
+    return workdir.generation_dir(generation.index) / f"stage{stage}"
+
+
+def _run_dir(workdir: Workdir, generation: Generation, stage: int) -> Path:
+    return workdir.generation_dir(generation.index) / f"stage{stage}-run"
+
+
+def _clear_checkpoints(workdir, generation, stage) -> None:
+    import shutil
+
+    shutil.rmtree(_run_dir(workdir, generation, stage) / "checkpoints", ignore_errors=True)
+
+
+def _train(workdir: Workdir, manifest: Manifest, generation: Generation, stage: int, config):
+    from layermoe_cli.training import train_stage
+
+    source = generation.expansion.checkpoint if stage == 1 else generation.stage1.checkpoint
+    languages = generation.new_languages if stage == 1 else generation.languages
+    texts = {lang: texts_for(workdir, generation, lang, "train") for lang in languages}
+    empty = [lang for lang, docs in texts.items() if not docs]
+    if empty:
+        raise LayermoeError(f"no training documents for {', '.join(empty)}: check its --data")
+    return train_stage(
+        model_dir=workdir.resolve(source),
+        output_dir=_output_dir(workdir, generation, stage),
+        texts_by_language=texts,
+        generation_of_language=manifest.generation_of_language(),
+        current_generation=generation.index,
+        config=config,
+        work_dir=_run_dir(workdir, generation, stage),
+    )

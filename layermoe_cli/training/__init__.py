@@ -1,0 +1,36 @@
+"""Two-stage training of an expanded model (METHOD.md section 4)."""
+
+from layermoe_cli.training.checkpoint import FrozenWeightsChanged, frozen_checksums, verify_frozen
+from layermoe_cli.training.config import TrainConfig, load_train_config
+from layermoe_cli.training.losses import (
+    classifier_loss,
+    classifier_over_layers,
+    load_balancing_loss,
+    load_balancing_over_layers,
+    lpr_loss,
+    lpr_over_layers,
+)
+from layermoe_cli.training.loop import TrainResult, freeze_for_stage, train_stage, trainable_groups
+from layermoe_cli.training.packing import PackedData, build_packed_data, pack_blocks, select_documents
+
+__all__ = [
+    "FrozenWeightsChanged",
+    "PackedData",
+    "TrainConfig",
+    "TrainResult",
+    "build_packed_data",
+    "classifier_loss",
+    "classifier_over_layers",
+    "freeze_for_stage",
+    "frozen_checksums",
+    "load_balancing_loss",
+    "load_balancing_over_layers",
+    "load_train_config",
+    "lpr_loss",
+    "lpr_over_layers",
+    "pack_blocks",
+    "select_documents",
+    "train_stage",
+    "trainable_groups",
+    "verify_frozen",
+]

@@ -1,0 +1,482 @@
+"""`train_stage`: one training stage of an expanded model, resumable, on any accelerate setup.
+
+Stage 1 trains this generation's new experts and the routers on the new languages
+(next-token + alpha x load balancing). Stage 2 trains routers and routing classifiers on
+the new languages plus a replay of the old ones (next-token + beta x LPR + gamma x
+classifier). See METHOD.md section 4.
+
+Devices come from `accelerate`: a plain call runs on one device; `accelerate launch
+--config_file recipes/accelerate/<name>.yaml -m layermoe_cli.training.run_stage ...` runs
+the same function under DDP, FSDP2 or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from layermoe_cli.errors import LayermoeError
+from layermoe_cli.training import checkpoint as ckpt
+from layermoe_cli.training.config import TrainConfig
+from layermoe_cli.training.losses import classifier_over_layers, load_balancing_over_layers, lpr_over_layers
+from layermoe_cli.training.packing import PackedData, block_indices, build_packed_data, select_documents
+
+
+@dataclass
+class TrainResult:
+    stage: int
+    current_generation: int
+    steps: int
+    tokens_seen: int  # real (non-padding) tokens over all processes
+    final_losses: dict[str, float]  # the last logged step, averaged over processes
+    trainable_groups: list[str]
+    trainable_parameters: int
+    frozen_parameters: int
+    frozen_checksums: dict[str, str]  # name -> sha256 of the bytes, verified unchanged after training
+    trainable_checksum_by_rank: list[str]  # sha256 over all trainable tensors, one per process
+    resumed_from_step: int | None
+    output_dir: str
+    data: dict = field(default_factory=dict)  # documents / tokens per language, blocks, seq_len
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- what trains
+
+
+def trainable_groups(stage: int, current_generation: int) -> list[str]:
+    """Parameter groups (keys of `modeling.parameter_groups`) trained in a stage."""
+    if stage == 1:
+        return [f"experts_g{current_generation}", "router"]
+    return ["router", "classifier"]
+
+
+def freeze_for_stage(model, stage: int, current_generation: int) -> list[str]:
+    """Set requires_grad for the stage; return the trainable parameter names (model order)."""
+    from layermoe_cli.modeling import parameter_groups
+
+    groups = parameter_groups(model)
+    wanted = trainable_groups(stage, current_generation)
+    if stage == 1 and not groups.get(f"experts_g{current_generation}"):
+        raise LayermoeError(
+            f"the model has no generation-{current_generation} experts to train; expand it for generation {current_generation} first"
+        )
+    names = {n for g in wanted for n in groups.get(g, [])}
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+        if name in names:
+            trainable.append(name)
+    return trainable
+
+
+# ---------------------------------------------------------------- loss
+
+
+def stage_loss(
+    outputs,
+    batch: Mapping[str, torch.Tensor],
+    stage: int,
+    current_generation: int,
+    config: TrainConfig,
+    expert_generation: Mapping[int, torch.Tensor],
+    top_k: int,
+):
+    """Total loss of a micro-batch and its detached parts (for logging).
+
+    Stage 1: ntp + alpha x balance. Stage 2: ntp + beta x LPR + gamma x classifier.
+    """
+    ntp = outputs.loss
+    token_mask = batch["attention_mask"].reshape(-1).bool()  # [T]
+    token_generation = batch["generation"].reshape(-1)  # [T], -100 on padding
+    parts = {"ntp": ntp}
+    if stage == 1:
+        balance = load_balancing_over_layers(outputs.router_logits, token_mask, top_k)
+        parts["balance"] = balance
+        total = ntp + config.alpha * balance
+    else:
+        lpr = lpr_over_layers(outputs.router_logits, token_generation, expert_generation, current_generation)
+        cls = classifier_over_layers(outputs.classifier_logits or {}, token_generation)
+        parts["lpr"], parts["classifier"] = lpr, cls
+        total = ntp + config.beta * lpr + config.gamma * cls
+    parts["loss"] = total
+    return total, {k: v.detach().float() for k, v in parts.items()}
+
+
+# ---------------------------------------------------------------- setup helpers
+
+
+def resolve_precision(precision: str) -> str:
+    """"auto" -> bf16 on a GPU that supports it, else fp32."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[resolve_precision(config.precision)]
+    # Top-k routing leaves some experts without tokens in a micro-batch: DDP must allow unused params.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(
+        mixed_precision=mixed,
+        gradient_accumulation_steps=config.grad_accum_steps,
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[ddp],
+    )
+
+
+def plan_steps(config: TrainConfig, num_blocks: int, blocks_per_step: int) -> int:
+    """Optimizer steps: max_steps, else token_budget / tokens per step, else epochs over the blocks."""
+    if config.max_steps is not None:
+        return config.max_steps
+    if config.token_budget is not None:
+        return max(1, math.ceil(config.token_budget / (blocks_per_step * config.seq_len)))
+    return max(1, math.ceil(config.epochs * num_blocks / blocks_per_step))
+
+
+def make_scheduler(optimizer, config: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = config.warmup_steps or int(round(config.warmup_ratio * total_steps))
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[config.lr_schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def _trainable_digest(named: Sequence[tuple[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for name, t in named:
+        h.update(name.encode())
+        h.update(ckpt.tensor_sha256(t).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- logging
+
+
+class _Reporter:
+    """JSONL log + optional TensorBoard + optional Rich progress, on the main process only."""
+
+    def __init__(self, log_path: Path, tb_dir: Path, total_steps: int, start_step: int, show_progress: bool, enabled: bool):
+        self.enabled = enabled
+        self.file = None
+        self.tb = None
+        self.progress = None
+        if not enabled:
+            return
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(log_path, "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(tb_dir))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+        if show_progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("stage training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeRemainingColumn()
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("", total=total_steps, completed=start_step)
+
+    def step(self, step: int, record: dict | None) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            desc = ""
+            if record:
+                desc = f"loss {record['loss']:.4f}  {record['tokens_per_s']:.0f} tok/s"
+            self.progress.update(self.task, completed=step, **({"description": desc} if desc else {}))
+        if record is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def train_stage(
+    model_dir: Path,
+    output_dir: Path,
+    texts_by_language: Mapping[str, Sequence[str]],
+    generation_of_language: Mapping[str, int],
+    current_generation: int,
+    config: TrainConfig,
+    work_dir: Path,
+    *,
+    log_path: Path | None = None,
+    on_step: Callable[[dict], None] | None = None,
+    show_progress: bool = False,
+    accelerator=None,
+) -> TrainResult:
+    """Train one stage and save the model to output_dir (same format as the expand step).
+
+    model_dir: the expanded checkpoint (stage 1) or the stage-1 output (stage 2).
+    texts_by_language: training-side documents per language (held-out data already removed).
+    work_dir: holds `checkpoints/`, `cache/` (tokenised data) and, by default, `train_log.jsonl`.
+    Calling again with the same arguments after a crash resumes from the last complete
+    checkpoint. on_step(record) runs on the main process after every optimizer step.
+    """
+    from accelerate.utils import gather_object, set_seed
+
+    from layermoe_cli.modeling import load_layermoe, save_layermoe
+    from transformers import AutoTokenizer
+
+    model_dir, output_dir, work_dir = Path(model_dir), Path(output_dir), Path(work_dir)
+    if current_generation < 1:
+        raise LayermoeError(f"current_generation={current_generation}; the first expansion is generation 1")
+    ckpt_root, cache_dir = work_dir / "checkpoints", work_dir / "cache"
+    log_path = Path(log_path) if log_path is not None else work_dir / "train_log.jsonl"
+    accelerator = accelerator or make_accelerator(config)
+    main = accelerator.is_main_process
+    set_seed(config.seed)
+
+    # ---- model, freezing, checksums
+    model = load_layermoe(model_dir)
+    if current_generation > model.config.num_generations:
+        raise LayermoeError(
+            f"the model in {model_dir} has {model.config.num_generations} generation(s) of experts, not {current_generation}; expand it first"
+        )
+    if not model.config.moe_layers:
+        raise LayermoeError(f"the model in {model_dir} has no MoE layer; nothing to train")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    storage_dtype = next(iter(model.parameters())).dtype
+    # Weights live in fp32 (exact for bf16/fp16 checkpoints); bf16/fp16 is autocast compute,
+    # so the optimizer never rounds a 5e-5 update away. Cast back to storage dtype on save.
+    model.float()
+    trainable_names = freeze_for_stage(model, config.stage, current_generation)
+    params = dict(model.named_parameters())
+    classifier_routing = model.config.classifier_routing
+    if config.stage == 1:
+        # The classifier is untrained until stage 2: let the router alone decide routing now.
+        model.set_classifier_routing(False)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    frozen_names = [n for n in params if n not in set(trainable_names)]
+    frozen_sums = ckpt.frozen_checksums((n, params[n]) for n in frozen_names)
+    expert_generation = {i: torch.tensor(model.expert_generation_ids(i)) for i in model.config.moe_layers}
+    top_k = next(iter(model.moe_blocks().values())).top_k  # the routers' k, as the model routes
+
+    # ---- data (tokenised once, on the main process first so the others hit the cache)
+    documents = select_documents(texts_by_language, generation_of_language, current_generation, config)
+    with accelerator.main_process_first():
+        data: PackedData = build_packed_data(
+            documents, generation_of_language, tokenizer, config.seq_len, config.seed, cache_dir
+        )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = config.micro_batch_size
+    blocks_per_step = micro * config.grad_accum_steps * world
+    total_steps = plan_steps(config, len(data), blocks_per_step)
+    real_tokens = torch.full((len(data),), config.seq_len, dtype=torch.long)
+    real_tokens[-1] = int(data.batch([len(data) - 1])["attention_mask"].sum())
+
+    # ---- optimizer, scheduler, devices
+    optimizer = torch.optim.AdamW(
+        [params[n] for n in trainable_names],
+        lr=config.learning_rate,
+        betas=tuple(config.adam_betas),
+        weight_decay=config.weight_decay,
+    )
+    scheduler = make_scheduler(optimizer, config, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    # ---- resume
+    start_step, tokens_seen, resumed_from = 0, 0, None
+    fingerprint = {
+        "config": config.trainable_fingerprint,
+        "current_generation": current_generation,
+        "world_size": world,
+        "frozen": hashlib.sha256(json.dumps(frozen_sums, sort_keys=True).encode()).hexdigest(),
+        "data": [data.documents_per_language, data.tokens_per_language, len(data)],
+    }
+    last = ckpt.latest_checkpoint(ckpt_root)
+    if last is not None:
+        state = ckpt.read_json(last / "state.json")
+        if state["fingerprint"] != json.loads(json.dumps(fingerprint)):
+            raise LayermoeError(
+                f"{ckpt_root} holds checkpoints of a different run (model, data, settings or process count differ); "
+                "use a fresh work dir or delete that folder"
+            )
+        if _sharded(accelerator):
+            accelerator.load_state(str(last / "accelerate"))
+        else:
+            from safetensors.torch import load_file
+
+            saved = load_file(str(last / "trainable.safetensors"))
+            live = dict(unwrapped.named_parameters())
+            with torch.no_grad():
+                for name in trainable_names:
+                    live[name].copy_(saved[name])
+            optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=False))
+        scheduler.load_state_dict(torch.load(last / "scheduler.pt", weights_only=False))
+        ckpt.set_rng_state(torch.load(last / f"rng-rank{rank}.pt", weights_only=False))
+        start_step, tokens_seen, resumed_from = state["step"], state["tokens_seen"], state["step"]
+
+    def save_checkpoint(step: int) -> None:
+        if main:
+            ckpt.prepare_staging(ckpt_root, step)
+        accelerator.wait_for_everyone()
+        stage_dir = ckpt.staging_dir(ckpt_root, step)
+        if _sharded(accelerator):
+            accelerator.save_state(str(stage_dir / "accelerate"))
+        elif main:
+            from safetensors.torch import save_file
+
+            live = dict(unwrapped.named_parameters())
+            save_file({n: live[n].detach().cpu().contiguous() for n in trainable_names}, str(stage_dir / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), stage_dir / "optimizer.pt")
+        torch.save(ckpt.rng_state(), stage_dir / f"rng-rank{rank}.pt")
+        if main:
+            torch.save(scheduler.state_dict(), stage_dir / "scheduler.pt")
+            ckpt.write_json(
+                stage_dir / "state.json",
+                {"step": step, "position": step * blocks_per_step, "tokens_seen": tokens_seen, "fingerprint": fingerprint},
+            )
+        accelerator.wait_for_everyone()
+        if main:
+            ckpt.publish(ckpt_root, step, config.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    # ---- train
+    reporter = _Reporter(log_path, work_dir / "tensorboard", total_steps, start_step, show_progress, main)
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    final_losses: dict[str, float] = {}
+    window_start, window_tokens = time.perf_counter(), 0
+    session_start, session_steps = time.perf_counter(), 0
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            position = (step - 1) * blocks_per_step
+            sums: dict[str, torch.Tensor] = {}
+            for m in range(config.grad_accum_steps):
+                first = position + m * micro * world  # this micro-step's global batch ...
+                global_idx = block_indices(first, micro * world, len(data), config.seed)
+                local_idx = global_idx[rank * micro : (rank + 1) * micro]  # ... and this rank's slice
+                step_tokens = int(real_tokens[torch.as_tensor(global_idx)].sum())
+                tokens_seen += step_tokens
+                window_tokens += step_tokens
+                batch = {k: v.to(accelerator.device) for k, v in data.batch(local_idx).items()}
+                with accelerator.accumulate(model):
+                    outputs = model(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        labels=batch["labels"],
+                        output_router_logits=True,
+                    )
+                    loss, parts = stage_loss(outputs, batch, config.stage, current_generation, config, expert_generation, top_k)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(trainable_params, config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v / config.grad_accum_steps
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            session_steps += 1
+
+            record = None
+            if step % config.log_every == 0 or step == total_steps:
+                stacked = accelerator.reduce(torch.stack([sums[k] for k in sorted(sums)]), reduction="mean")
+                now = time.perf_counter()
+                elapsed = now - session_start
+                record = {k: float(v) for k, v in zip(sorted(sums), stacked.tolist())}
+                record.update(
+                    step=step,
+                    total_steps=total_steps,
+                    lr=scheduler.get_last_lr()[0],
+                    tokens_seen=tokens_seen,
+                    tokens_per_s=window_tokens / max(now - window_start, 1e-9),
+                    elapsed_s=elapsed,
+                    eta_s=elapsed / session_steps * (total_steps - step),
+                )
+                final_losses = {k: record[k] for k in sorted(sums)}
+                window_start, window_tokens = now, 0
+            reporter.step(step, record)
+            if on_step is not None and main:
+                on_step({"step": step, "total_steps": total_steps, "tokens_seen": tokens_seen, **{k: float(v) for k, v in sums.items()}})
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+                save_checkpoint(step)
+    finally:
+        reporter.close()
+
+    # ---- verify the frozen weights, save
+    accelerator.wait_for_everyone()
+    if _sharded(accelerator):
+        full = accelerator.get_state_dict(model)  # gathered on the main process
+        checksum_by_rank: list[str] = []
+        if main:
+            ckpt.verify_frozen(((n, full[n]) for n in frozen_names if n in full), {n: frozen_sums[n] for n in frozen_names if n in full})
+            final = load_layermoe(model_dir)
+            final.load_state_dict({k: v.to(storage_dtype) for k, v in full.items()}, strict=False)
+    else:
+        live = dict(unwrapped.named_parameters())
+        ckpt.verify_frozen(((n, live[n]) for n in frozen_names), frozen_sums)
+        checksum_by_rank = gather_object([_trainable_digest([(n, live[n]) for n in trainable_names])])
+        final = unwrapped
+        if main:
+            final.to(storage_dtype)
+    if main:
+        final.set_classifier_routing(classifier_routing)
+        if config.gradient_checkpointing:
+            final.gradient_checkpointing_disable()
+        save_layermoe(final, output_dir, tokenizer)
+    accelerator.wait_for_everyone()
+
+    num = {n: p.numel() for n, p in params.items()}
+    return TrainResult(
+        stage=config.stage,
+        current_generation=current_generation,
+        steps=total_steps,
+        tokens_seen=tokens_seen,
+        final_losses=final_losses,
+        trainable_groups=trainable_groups(config.stage, current_generation),
+        trainable_parameters=sum(num[n] for n in trainable_names),
+        frozen_parameters=sum(num[n] for n in frozen_names),
+        frozen_checksums=frozen_sums,
+        trainable_checksum_by_rank=list(checksum_by_rank),
+        resumed_from_step=resumed_from,
+        output_dir=str(output_dir),
+        data={
+            "languages": data.languages,
+            "documents_per_language": data.documents_per_language,
+            "tokens_per_language": data.tokens_per_language,
+            "blocks": len(data),
+            "seq_len": config.seq_len,
+            "blocks_per_step": blocks_per_step,
+        },
+    )
