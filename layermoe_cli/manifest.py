@@ -141,6 +141,7 @@ class BaseModelRecord(_Record):
     spec: str  # as the user gave it; a local path is stored relative to the work dir
     kind: str  # local | hub | gguf | demo
     path: str | None = None
+    absolute_path: str | None = None  # a hint only, tried when the relative path does not resolve
     hub_id: str | None = None
     revision: str | None = None
     gguf_file: str | None = None

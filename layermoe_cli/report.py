@@ -223,6 +223,7 @@ def _bpb(manifest: dict, workdir: Path) -> list[str]:
 
 def _forgetting(manifest: dict, generation: dict[str, int], base: dict[str, float]) -> list[str]:
     rows = []
+    previous = base
     for g in _generations(manifest):
         index = g.get("index", 0)
         after = bpb_of(g)
@@ -232,19 +233,23 @@ def _forgetting(manifest: dict, generation: dict[str, int], base: dict[str, floa
         averages = group_averages(known, generation, index)
         base_averages = group_averages({l: v for l, v in base.items() if l in generation}, generation, index)
         change = forgetting_and_gain(known, base, generation, index) if base else {"forgetting": None, "gain": None}
+        step = forgetting_and_gain(known, previous, generation, index) if previous else {"forgetting": None}
         rows.append([
             _name(index),
             f"{_num(base_averages['old_avg'])} → {_num(averages['old_avg'])}",
             f"{_num(base_averages['new_avg'])} → {_num(averages['new_avg'])}",
             _signed(change["forgetting"]),
+            _signed(step["forgetting"]),
             _signed(change["gain"]),
         ])
+        previous = known
     if not rows:
         return []
     lines = ["Old-avg = mean over the languages of earlier generations (G0 included), New-avg = over the generation's own; "
-             "forgetting = mean bpb rise on old languages against the base model (> 0 is worse), "
-             "gain = mean bpb drop on new ones (> 0 is better).", ""]
-    return lines + _table(["Generation", "Old-avg base → after", "New-avg base → after", "Forgetting", "Gain"], rows)
+             "forgetting = mean bpb rise on old languages (> 0 is worse) against the base model, and against the model "
+             "before this generation; gain = mean bpb drop on new ones against the base model (> 0 is better).", ""]
+    header = ["Generation", "Old-avg base → after", "New-avg base → after", "Forgetting vs base", "Forgetting vs previous", "Gain"]
+    return lines + _table(header, rows)
 
 
 def _routing(manifest: dict, workdir: Path) -> list[str]:

@@ -40,15 +40,21 @@ def _log_softmax_by_hand(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _reference_nll(model, ids: list[int], start_id: int, max_length: int) -> float:
-    """Token by token: token j of the document is predicted from its window's inputs only."""
+    """Token j of the document is predicted from its own window's inputs only.
+
+    Window of token j (1-based in [start] + ids) begins at ((j - 1) // max_length) * max_length;
+    a causal model gives the same logits for a prefix whether or not later tokens follow, so
+    one forward per window serves every token in it.
+    """
     sequence = [start_id] + ids
     total = 0.0
-    for j in range(1, len(sequence)):
-        begin = ((j - 1) // max_length) * max_length
-        context = torch.tensor([sequence[begin:j]])
+    for begin in range(0, len(ids), max_length):
+        context = torch.tensor([sequence[begin : begin + max_length]])
         with torch.no_grad():
-            logits = model(input_ids=context).logits[0, -1]  # [V]
-        total -= _log_softmax_by_hand(logits)[sequence[j]].item()
+            log_probs = _log_softmax_by_hand(model(input_ids=context).logits[0])  # [L, V]
+        for j in range(begin + 1, min(begin + max_length, len(ids)) + 1):
+            assert ((j - 1) // max_length) * max_length == begin
+            total -= log_probs[j - 1 - begin, sequence[j]].item()
     return total
 
 

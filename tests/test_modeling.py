@@ -141,8 +141,8 @@ def run_block(block, x, impl):
 
 @pytest.mark.parametrize(
     "new_experts,top_k,classes",
-    [([2, 0, 3], 2, 0), ([1], 2, 0), ([1], 3, 0), ([2, 3], 2, 3), ([2, 3], 3, 2)],
-    ids=["gap-generation", "E2k2", "E2k3-clipped", "3-class-classifier", "binary-classifier-k3"],
+    [([2, 0, 3], 2, 0), ([1], 2, 0), ([1], 3, 0), ([2, 3], 2, 3), ([1, 3], 3, 3), ([2, 3], 3, 2)],
+    ids=["gap-generation", "E2k2", "E2k3-clipped", "3-class", "3-class-k-clipped", "binary-classifier-k3"],
 )
 def test_grouped_loop_and_dense_reference_agree(new_experts, top_k, classes):
     block = make_block(new_experts, top_k, classes)

@@ -44,6 +44,7 @@ class RoutingHealth:
     experts_per_layer: list[int]  # E_i, aligned with `layers`
     expert_generations: list[list[int]]  # generation of each expert column, per layer
     classifier_layers: list[int]
+    classifier_routing: bool  # False: the classifier only predicts (e.g. after stage 1), routing ignores it
     tokens: dict[str, int]  # routed tokens per language
     expert0_share: dict[str, list[float | None]]  # "old"/"new" -> per layer (effective)
     router_expert0_share: dict[str, list[float | None]]  # same, router alone
@@ -106,8 +107,10 @@ class _Tally:
         self.correct: dict[tuple[int, str], float] = {}
         self.experts: dict[int, int] = {}
 
-    def add(self, layer, language, router_logits, classifier_logits, expert_generation, label, top_k):
-        top1, slots, predicted = effective_routing(router_logits, classifier_logits, expert_generation, top_k)
+    def add(self, layer, language, router_logits, classifier_logits, expert_generation, label, top_k, classifier_decides):
+        deciding = classifier_logits if classifier_decides else None
+        top1, slots, _ = effective_routing(router_logits, deciding, expert_generation, top_k)
+        predicted = None if classifier_logits is None else classifier_logits.float().argmax(dim=-1)
         key = (layer, language)
         self.experts[layer] = router_logits.shape[-1]
         self.expert0[key] = self.expert0.get(key, 0.0) + (top1 == 0).sum().item()
@@ -167,12 +170,14 @@ def routing_health(
     """Measure the effective routing of `model` on each language's texts (see module docstring).
 
     `max_tokens` caps the tokens per language; `top_k` defaults to the model config's
-    `num_experts_per_tok` (or `top_k`), else 2.
+    `num_experts_per_tok` (or `top_k`), else 2. A model whose `config.classifier_routing` is
+    False routes by the router alone; its classifier accuracy is still measured.
     """
     max_length = max_length or default_max_length(model)
     device = torch.device(device) if device is not None else model_device(model)
     top_k = top_k or _top_k_of(model)
     pad_id = pad_id_of(tokenizer)
+    classifier_decides = bool(getattr(getattr(model, "config", None), "classifier_routing", True))
     tally = _Tally()
     expert_generation: dict[int, torch.Tensor] = {}
     languages = {lang: generation_of(lang, generation_of_language) for lang in texts_by_language}
@@ -181,7 +186,7 @@ def routing_health(
     try:
         for language, texts in texts_by_language.items():
             generation = languages[language]
-            plan = score_plan(tokenizer, texts, max_length=max_length, max_tokens=max_tokens)
+            plan = score_plan(tokenizer, texts, max_length=max_length, max_tokens=max_tokens, every_input=True)
             if plan.tokens == 0:
                 raise LayermoeError(f"language '{language}' has no held-out text to route: give it at least one non-empty document")
             tally.tokens[language] = plan.tokens
@@ -204,13 +209,13 @@ def routing_health(
                         binary = cls.shape[-1] == 2
                         label = (0 if generation == 0 else 1) if binary else generation
                         cls = cls[keep]
-                    tally.add(layer, language, logits[keep], cls, expert_generation[layer], label if cls is not None else None, top_k)
+                    tally.add(layer, language, logits[keep], cls, expert_generation[layer], label if cls is not None else None, top_k, classifier_decides)
     finally:
         model.train(was_training)
-    return _summarise(tally, languages, current_generation, top_k, expert_generation)
+    return _summarise(tally, languages, current_generation, top_k, expert_generation, classifier_decides)
 
 
-def _summarise(tally: _Tally, languages: dict[str, int], current: int, top_k: int, expert_generation) -> RoutingHealth:
+def _summarise(tally: _Tally, languages: dict[str, int], current: int, top_k: int, expert_generation, classifier_decides) -> RoutingHealth:
     layers = sorted(tally.experts)
     classifier_layers = sorted({layer for layer, _ in tally.correct})
     groups = {
@@ -237,6 +242,7 @@ def _summarise(tally: _Tally, languages: dict[str, int], current: int, top_k: in
         experts_per_layer=[tally.experts[layer] for layer in layers],
         expert_generations=[expert_generation[layer].tolist() for layer in layers],
         classifier_layers=classifier_layers,
+        classifier_routing=classifier_decides,
         tokens=dict(tally.tokens),
         expert0_share={name: [share(tally.expert0, layer, langs) for layer in layers] for name, langs in groups.items()},
         router_expert0_share={name: [share(tally.router_expert0, layer, langs) for layer in layers] for name, langs in groups.items()},
@@ -251,6 +257,7 @@ def _summarise(tally: _Tally, languages: dict[str, int], current: int, top_k: in
         },
         load=[load_of(layer, routed) for layer in layers],
         load_by_group={name: [load_of(layer, langs) for layer in layers] for name, langs in groups.items()},
+        note=EFFECTIVE_NOTE if classifier_decides else "the classifier does not decide routing in this model: shares are of the router alone",
     )
 
 
@@ -260,6 +267,7 @@ def plot_routing(routing: dict, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     layers = routing.get("layers") or []
@@ -289,6 +297,7 @@ def plot_routing(routing: dict, path) -> None:
     image = right.imshow(grid.T, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
     right.set_xticks(x, [str(layer) for layer in layers])
     right.set_xlabel("layer")
+    right.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     right.set_ylabel("expert (0 = original FFN)")
     right.set_title("Load: fraction of top-k slots")
     fig.colorbar(image, ax=right)

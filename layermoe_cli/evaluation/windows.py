@@ -60,18 +60,33 @@ def _clean_prefix(offsets: list[tuple[int, int]], limit: int) -> int:
     return 0
 
 
-def document_windows(doc_ids: list[int], start_id: int, max_length: int) -> list[Window]:
-    """Windows that score every token of `doc_ids` once, each seeing at most `max_length` inputs."""
+def document_windows(doc_ids: list[int], start_id: int, max_length: int, every_input: bool = False) -> list[Window]:
+    """Windows that score every token of `doc_ids` once, each seeing at most `max_length` inputs.
+
+    With `every_input`, windows instead hold every token of the document as an input (its last
+    token is an input with no target, -100), which is what routing statistics need.
+    """
     sequence = [start_id] + doc_ids
     windows = []
+    if every_input:
+        for begin in range(0, len(sequence), max_length):
+            inputs = sequence[begin : begin + max_length]
+            targets = sequence[begin + 1 : begin + max_length + 1]
+            windows.append(Window(inputs, targets + [-100] * (len(inputs) - len(targets)), begin == 0))
+        return windows
     for begin in range(0, len(doc_ids), max_length):
         chunk = sequence[begin : begin + max_length + 1]
         windows.append(Window(inputs=chunk[:-1], targets=chunk[1:], starts_document=begin == 0))
     return windows
 
 
-def score_plan(tokenizer, texts: list[str], max_length: int, max_tokens: int | None = None) -> ScoredText:
-    """Tokenize `texts` into windows under the definition in this module's docstring."""
+def score_plan(
+    tokenizer, texts: list[str], max_length: int, max_tokens: int | None = None, every_input: bool = False
+) -> ScoredText:
+    """Tokenize `texts` into windows under the definition in this module's docstring.
+
+    `every_input`: windows feed every document token as an input (for routing statistics).
+    """
     if max_length < 1:
         raise LayermoeError(f"max_length must be at least 1 token, got {max_length}")
     if max_tokens is not None and max_tokens < 1:
@@ -100,7 +115,7 @@ def score_plan(tokenizer, texts: list[str], max_length: int, max_tokens: int | N
                 break
             text_bytes = len(text[: offsets[keep - 1][1]].encode("utf-8"))
             ids = ids[:keep]
-        windows.extend(document_windows(ids, start_id, max_length))
+        windows.extend(document_windows(ids, start_id, max_length, every_input))
         tokens += len(ids)
         nbytes += text_bytes
         documents += 1

@@ -100,10 +100,13 @@ def load_base(workdir: Workdir, manifest: Manifest, device: str = "cpu", dtype=N
     base = manifest.base_model
     spec = {"hub": base.hub_id, "demo": "demo"}.get(base.kind) or str(workdir.resolve(base.path))
     if base.kind in ("local", "gguf") and not Path(spec).exists():
-        raise LayermoeError(
-            f"the base model is not at {spec} (stored relative to the work dir as {base.path}): "
-            "put it back there or start a new work dir"
-        )
+        if base.absolute_path and Path(base.absolute_path).exists():
+            spec = base.absolute_path  # the work dir moved but the model did not
+        else:
+            raise LayermoeError(
+                f"the base model is not at {spec} (stored relative to the work dir as {base.path}): "
+                "copy it there, next to the moved work dir"
+            )
     source = resolve_model_spec(spec, revision=base.revision)
     return load_model(source, device=device, dtype=dtype or torch.float32, cache_dir=workdir.cache_dir / "models")
 

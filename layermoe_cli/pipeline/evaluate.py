@@ -179,6 +179,6 @@ def eval_table(manifest: Manifest, generation: Generation, record: EvalRecord) -
         parts.append(f"New-avg {record.new_avg:.4f}")
     for key in ("forgetting", "gain"):
         if record.metrics.get(key) is not None:
-            parts.append(f"{key} {record.metrics[key]:+.4f}")
+            parts.append(f"{key} {round(record.metrics[key], 4) + 0.0:+.4f}")  # no "-0.0000"
     table.caption = " · ".join(parts)
     return table

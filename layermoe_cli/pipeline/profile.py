@@ -63,6 +63,7 @@ def new_manifest(workdir: Workdir, model: str | None, old: list[str], new: list[
         spec=model if kind in ("hub", "demo") else stored_path,
         kind=kind,
         path=stored_path,
+        absolute_path=None if stored_path is None else str(workdir.resolve(stored_path)),
         hub_id=source.hub_id,
         revision=source.revision,
         gguf_file=source.gguf_file,
