@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help="model directory (default: a tiny 8-layer hidden-256 llama)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per language")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per language")
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)

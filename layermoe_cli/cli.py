@@ -179,18 +179,23 @@ def eval_(
 def extend(
     ctx: typer.Context,
     new: str = typer.Option(..., "--new", help="Comma-separated languages of the next generation."),
-    data: list[str] = typer.Option([], "--data", "-d", help="LANG=SPEC, repeatable."),
-    budget: Optional[int] = typer.Option(None, "--budget"),
+    data: list[str] = typer.Option([], "--data", "-d", help="LANG=SPEC, repeatable (earlier languages keep their data)."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="δ of the new generation, counting expert 0 of every layer."),
     new_experts: Optional[int] = typer.Option(None, "--new-experts"),
+    strategy: str = typer.Option("layerwise", help="layerwise | uniform | random"),
+    classifier_layers: Optional[int] = typer.Option(None, "--classifier-layers"),
     tokens: int = typer.Option(100_000, help="Tokens sampled per language for the profile."),
     classifier: str = typer.Option("generation", help="generation (lifelong prior) | binary (the paper's old-vs-new)"),
+    router_init: str = typer.Option("expert0", help="How the new experts' router rows start: expert0 | mean | zeros | normal"),
+    drift_tokens: int = typer.Option(20_000, help="Held-out tokens per earlier language for the before/after check."),
     device: str = typer.Option("auto"),
 ) -> None:
     """Open the next generation: profile, allocate and expand again; earlier experts stay frozen."""
     from layermoe_cli.pipeline.extend import run_extend
 
-    _call(run_extend, ctx.obj, new=_split(new), data=data, budget=budget, new_experts=new_experts, tokens=tokens,
-          classifier=classifier, device=device)
+    _call(run_extend, ctx.obj, new=_split(new), data=data, budget=budget, new_experts=new_experts, strategy=strategy,
+          classifier_layers=classifier_layers, tokens=tokens, classifier=classifier, router_init=router_init,
+          drift_tokens=drift_tokens, device=device)
 
 
 @app.command(epilog="Example: layermoe status --json | jq .generations[1].allocation")

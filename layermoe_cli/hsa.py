@@ -23,7 +23,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     Handles a bare base model (`model.layers`), a causal LM (`model.model.layers`) and a wrapper
     whose causal LM sits at `model.model` (`model.model.model.layers`).
     """
-    for path in ("model.layers", "model.model.layers", "layers"):
+    for path in ("model.layers", "model.model.layers", "lm.model.layers", "layers"):
         obj = model
         for name in path.split("."):
             obj = getattr(obj, name, None)

@@ -5,8 +5,9 @@ figure comes from it, so the report can be rebuilt at any time without a model. 
 are pending, failed or missing show as such instead of breaking the page.
 
 Figures this module draws (into the work dir): `bpb.png` (held-out bits per byte per
-language, base model and after every generation) and `routing_g<N>.png` (per generation
-with a routing record). Plots written by earlier steps (`outputs` entries ending in .png,
+language, base model and after every generation) and, per generation with a routing record,
+its routing figure (at the eval step's `outputs["routing_plot"]`, else `g<N>/routing.png`;
+redrawn from the record, so it matches the eval step's own). Plots written by earlier steps (`outputs` entries ending in .png,
 e.g. the similarity profile and the allocation) are embedded by their relative path when
 the file exists.
 """
@@ -264,8 +265,11 @@ def _routing(manifest: dict, workdir: Path) -> list[str]:
         layers = routing["layers"]
         tokens = routing.get("tokens") or {}
         lines += [f"### {_name(index)}", ""]
-        lines.append(f"Tokens routed: {', '.join(f'{l} {n:,}' for l, n in tokens.items()) or '—'}; top-{routing.get('top_k', '?')}. "
-                     "Shares are of the effective routing: in classifier layers a token classified old goes to expert 0 alone.")
+        if routing.get("classifier_routing", True):
+            how = "Shares are of the effective routing: in classifier layers a token classified old goes to expert 0 alone."
+        else:
+            how = "The classifier does not decide routing in this model yet: shares are of the router alone."
+        lines.append(f"Tokens routed: {', '.join(f'{l} {n:,}' for l, n in tokens.items()) or '—'}; top-{routing.get('top_k', '?')}. {how}")
         lines.append("")
         share = routing.get("expert0_share") or {}
         router_share = routing.get("router_expert0_share") or {}
@@ -288,11 +292,16 @@ def _routing(manifest: dict, workdir: Path) -> list[str]:
             ["Layer", "Experts", "Old → expert 0", "Old → expert 0 (router alone)", "New → expert 0", "Classifier acc. old", "Classifier acc. new"],
             rows,
         )
-        plot = f"routing_g{index}.png"
-        lines += _image(workdir, plot, f"{_name(index)} routing")
+        lines += _image(workdir, routing_plot_path(g), f"{_name(index)} routing")
     if not found:
         lines += ["_No routing record yet (it comes with `layermoe eval` on an expanded model)._", ""]
     return lines
+
+
+def routing_plot_path(generation: dict) -> str:
+    """Where the routing figure of a generation lives: the eval step's own output, else g<N>/routing.png."""
+    path = (_step(generation, "eval").get("outputs") or {}).get("routing_plot")
+    return path if isinstance(path, str) and path.endswith(".png") else f"g{generation['index']}/routing.png"
 
 
 def _at(values, i):
@@ -361,7 +370,9 @@ def render_report(manifest: dict, workdir: Path) -> str:
     for g in _generations(manifest):
         routing = _step(g, "eval").get("routing")
         if g.get("index", 0) >= 1 and isinstance(routing, dict) and routing.get("layers"):
-            plot_routing(routing, workdir / f"routing_g{g['index']}.png")
+            path = workdir / routing_plot_path(g)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            plot_routing(routing, path)
     head = ["# layermoe report", ""]
     stamp = [f"schema v{manifest['schema_version']}" if manifest.get("schema_version") else None,
              f"layermoe {manifest['tool_version']}" if manifest.get("tool_version") else None,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -157,7 +157,6 @@ class ProfileResult:
     tokens_per_language: dict[str, int]
     include_bos: bool = False
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -293,7 +292,8 @@ def profile_model(
                 sequences = sample_sequences(tokenizer, texts, tokens_per_language, seed, max_length, language, include_bos)
                 if not sequences:
                     raise LayermoeError(f"no text to profile for language {language!r}: its data is empty")
-                total = sum(len(s) for s in sequences) - (0 if include_bos or bos is None else sum(s[0] == bos for s in sequences))
+                skipped_bos = 0 if include_bos or bos is None else sum(s[0] == bos for s in sequences)
+                total = sum(len(s) for s in sequences) - skipped_bos
                 done = 0
                 for batch in _batches(sequences, batch_tokens):
                     width = len(batch[0])

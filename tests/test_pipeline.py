@@ -93,9 +93,9 @@ def test_expanded_checkpoint_reloads_with_base_logits(expanded, tiny):
     assert diff <= 1e-4
 
 
-def test_rerunning_a_done_step_is_a_noop(expanded):
+def test_rerunning_a_done_step_is_a_noop(expanded, tiny):
     before = snapshot(expanded)
-    result = layermoe(expanded, "profile")
+    result = layermoe(expanded, "profile", "--model", str(tiny), "--old", "en", "--new", "el,hu")
     assert result.exit_code == 0
     assert "profile of G1 is done already (use --force to redo it)" in result.output
     result = layermoe(expanded, "expand")

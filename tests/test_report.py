@@ -42,7 +42,7 @@ MANIFEST = {
          "allocation": {"status": "done", "strategy": "layermoe", "budget": 6, "experts_per_layer": [2, 4], "new_experts_per_layer": [1, 3],
                         "classifier_layers": [1], "new_parameters": 4000, "uniform_new_parameters": 4000, "outputs": {"plot": "g1/allocation.png"}},
          "expansion": {"status": "done"}, "stage1": {"status": "done"}, "stage2": {"status": "done"},
-         "eval": _eval({"en": 1.1, "es": 1.3, "el": 1.5, "hu": 1.7}, routing=ROUTING_G1, old_avg=1.2, new_avg=1.6,
+         "eval": _eval({"en": 1.1, "es": 1.3, "el": 1.5, "hu": 1.7}, routing=ROUTING_G1, old_avg=1.2, new_avg=1.6, outputs={"routing_plot": "g1/routing.png"},
                        lm_eval={"results": {"arc_easy": {"acc,none": 0.25, "acc_stderr,none": 0.01}}})},
         {"index": 2, "old_languages": ["en", "es", "el", "hu"], "new_languages": ["bn", "hi"],
          "profile": {"status": "done", "similarity": [0.4, 0.2], "outputs": {"plot": "g2/profile.png"}},
@@ -50,7 +50,7 @@ MANIFEST = {
                         "classifier_layers": [0], "new_parameters": 3000, "uniform_new_parameters": 2000, "outputs": {"plot": "g2/allocation.png"}},
          "expansion": {"status": "done"}, "stage1": {"status": "done"}, "stage2": {"status": "running"},
          "eval": _eval({"en": 1.15, "es": 1.3, "el": 1.6, "hu": 1.8, "bn": 2.5, "hi": 2.7},
-                       routing={**ROUTING_G1, "current_generation": 2, "experts_per_layer": [3, 3], "load": [[0.5, 0.3, 0.2], [0.4, 0.3, 0.3]]})},
+                       routing={**ROUTING_G1, "current_generation": 2, "experts_per_layer": [3, 3], "classifier_routing": False, "load": [[0.5, 0.3, 0.2], [0.4, 0.3, 0.3]]})},
     ],
 }
 
@@ -84,7 +84,7 @@ def test_report_is_written_and_embeds_only_existing_plots(rendered):
     workdir, text = rendered
     assert (workdir / "report.md").read_text(encoding="utf-8") == text
     embedded = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert sorted(embedded) == sorted(["g1/profile.png", "g1/allocation.png", "g2/profile.png", "bpb.png", "routing_g1.png", "routing_g2.png"])
+    assert sorted(embedded) == sorted(["g1/profile.png", "g1/allocation.png", "g2/profile.png", "bpb.png", "g1/routing.png", "g2/routing.png"])
     for path in embedded:
         assert (workdir / path).read_bytes()[:8] == PNG, path
     assert "plot `g2/allocation.png` not found" in text
@@ -116,7 +116,8 @@ def test_report_bits_per_byte_before_after_and_forgetting(rendered):
 
 def test_report_routing_and_benchmarks(rendered):
     _, text = rendered
-    assert "Tokens routed: en 500, es 400, el 300; top-2." in text
+    assert "Tokens routed: en 500, es 400, el 300; top-2. Shares are of the effective routing" in text
+    assert "top-2. The classifier does not decide routing in this model yet" in text
     assert "| 1 | 2 | 95.0% | 60.0% | 10.0% | 97.5% | 90.0% |" in text
     assert "| 0 | 3 | 80.0% | 70.0% | 20.0% |  |  |" in text
     assert "| arc_easy | acc | 0.2500 |" in text

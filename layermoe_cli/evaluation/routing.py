@@ -96,6 +96,13 @@ def effective_routing(
     return top1, slots, predicted
 
 
+def classifier_label(generation: int, num_classes: int) -> int:
+    """The class a token of `generation` should get: binary old(0)/new(1) = G0 vs the rest, else its generation."""
+    if num_classes == 2:
+        return 0 if generation == 0 else 1
+    return generation
+
+
 class _Tally:
     """Running counts per (layer, language); turned into shares at the end."""
 
@@ -205,11 +212,11 @@ def routing_health(
                     if layer not in expert_generation:
                         expert_generation[layer] = torch.tensor(_expert_generations(model, layer, logits.shape[-1]))
                     cls = classifier.get(layer)
+                    label = None
                     if cls is not None:
-                        binary = cls.shape[-1] == 2
-                        label = (0 if generation == 0 else 1) if binary else generation
+                        label = classifier_label(generation, num_classes=cls.shape[-1])
                         cls = cls[keep]
-                    tally.add(layer, language, logits[keep], cls, expert_generation[layer], label if cls is not None else None, top_k, classifier_decides)
+                    tally.add(layer, language, logits[keep], cls, expert_generation[layer], label, top_k, classifier_decides)
     finally:
         model.train(was_training)
     return _summarise(tally, languages, current_generation, top_k, expert_generation, classifier_decides)

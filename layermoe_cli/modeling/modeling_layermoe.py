@@ -78,8 +78,8 @@ class LayermoeExpertGroup(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype=None, device=None):
         super().__init__()
         self.num_experts = num_experts
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype, device=device))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype, device=device))
+        self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype, device=device))
+        self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, intermediate_size, dtype=dtype, device=device))
 
     @torch.no_grad()
     def copy_from_mlp(self, mlp: nn.Module) -> None:
@@ -196,7 +196,11 @@ class LayermoeMoeBlock(nn.Module):
         return x.is_cuda
 
     def classifier_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[B, S, H] -> [B*S, H]: each token itself, or its sequence's mean over non-padding tokens."""
+        """[B, S, H] -> [B*S, H]: each token itself, or its sequence's mean over non-padding tokens.
+
+        "sequence" mirrors the authors' code (but skips padding). With a KV cache each call pools
+        only the tokens it is given, so cached decoding classifies from the new tokens alone.
+        """
         b, s, h = hidden_states.shape
         if self.classifier_granularity == "token":
             return hidden_states.reshape(-1, h)

@@ -116,7 +116,7 @@ def upcycle(
             if block.classifier is not None:
                 w = block.classifier.weight
                 w.copy_(_seeded_normal(w.shape, std, seed + 1000 + i, w))
-    model.eval() if not base_model.training else model.train()
+    model.train(base_model.training)
     return model
 
 

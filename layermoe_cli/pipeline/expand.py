@@ -81,7 +81,7 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
     else:
         options = {} if router_init is None else {"router_init": router_init}
         model = add_generation(source, allocation.new_experts_per_layer, allocation.classifier_layers,
-                               binary_classifier=(classifier == "binary"), **options)
+                               classifier_classes=2 if classifier == "binary" else None, **options)
     model.eval()
     with torch.no_grad():
         logits = model(**probe).logits.float()

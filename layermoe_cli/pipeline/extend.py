@@ -1,7 +1,107 @@
-"""`layermoe extend`: open the next generation (lifelong expansion)."""
+"""`layermoe extend`: open the next generation (lifelong expansion, G(n) → G(n+1)).
 
+Profile the current expanded model (its HSA is the MoE block's input), allocate a new group
+of experts per layer, append them as copies of expert 0 with every earlier expert frozen,
+and measure right away how much the earlier languages moved (they should not, much).
+"""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from layermoe_cli.console import console, err_console
 from layermoe_cli.errors import LayermoeError
+from layermoe_cli.manifest import Generation, Manifest, StepStatus
+from layermoe_cli.pipeline.allocate import allocate_generation
+from layermoe_cli.pipeline.common import latest_checkpoint, load_checkpoint, resolve_device, texts_for, token_progress
+from layermoe_cli.pipeline.expand import expand_generation
+from layermoe_cli.pipeline.profile import profile_generation
+from layermoe_cli.workdir import Workdir, session
+
+CLASSIFIER_MODES = ("generation", "binary")
+# How the router rows of the new experts start (see docs in README: "Extending").
+DEFAULT_ROUTER_INIT = "expert0"
 
 
-def run_extend(workdir, **options):
-    raise LayermoeError("`layermoe extend` is not built yet in this version (lifelong expansion lands with issue 7)")
+def run_extend(workdir: Workdir, *, new, data=(), budget=None, new_experts=None, tokens=100_000, classifier="generation",
+               device="auto", router_init=DEFAULT_ROUTER_INIT, drift_tokens=20_000, strategy="layerwise",
+               classifier_layers=None, batch_tokens=8192, seed=0) -> None:
+    with session(workdir):
+        manifest = workdir.load()
+        extend_generation(workdir, manifest, new=new, data=data, budget=budget, new_experts=new_experts, tokens=tokens,
+                          classifier=classifier, device=device, router_init=router_init, drift_tokens=drift_tokens,
+                          strategy=strategy, classifier_layers=classifier_layers, batch_tokens=batch_tokens, seed=seed)
+
+
+def open_generation(manifest: Manifest, new: list[str]) -> Generation:
+    """Append G(n+1) to the manifest, or return it when an interrupted `extend` already opened it."""
+    from layermoe_cli.languages import validate_language
+
+    new = [validate_language(code) for code in new]
+    if not new:
+        raise LayermoeError("--new needs at least one language, e.g. --new bn,hi,ne")
+    if len(set(new)) != len(new):
+        raise LayermoeError(f"--new lists a language twice: {', '.join(new)}")
+    current = manifest.current
+    if current.new_languages == new and current.expansion.status != StepStatus.done and current.index >= 2:
+        return current  # resume the extension that stopped half-way
+    known = manifest.generation_of_language()
+    taken = [lang for lang in new if lang in known]
+    if taken:
+        where = ", ".join(f"{lang} (G{known[lang]})" for lang in taken)
+        raise LayermoeError(f"{where} is already learned: a new generation needs new languages")
+    if latest_checkpoint(current) is None:
+        raise LayermoeError(f"G{current.index} has no expanded model yet: run `layermoe expand` "
+                            f"(and `layermoe train --stage 1/2`) before extending")
+    if current.stage2.status != StepStatus.done:
+        err_console.print(f"[yellow]note:[/] G{current.index} has not finished stage 2; extending from its latest model")
+    generation = Generation(index=current.index + 1, old_languages=current.languages, new_languages=new,
+                            data=dict(current.data))
+    manifest.generations.append(generation)
+    return generation
+
+
+def extend_generation(workdir: Workdir, manifest: Manifest, *, new, data=(), budget=None, new_experts=None,
+                      tokens=100_000, classifier="generation", device="auto", router_init=DEFAULT_ROUTER_INIT,
+                      drift_tokens=20_000, strategy="layerwise", classifier_layers=None, batch_tokens=8192, seed=0) -> Generation:
+    if classifier not in CLASSIFIER_MODES:
+        raise LayermoeError(f"unknown classifier mode {classifier!r}: use generation or binary")
+    if budget is None and new_experts is None:
+        raise LayermoeError("give --budget (δ, counting expert 0 of every layer) or --new-experts for the new generation")
+    generation = open_generation(manifest, new)
+    device = resolve_device(device)
+    profile_generation(workdir, manifest, generation, data=data, tokens=tokens, batch_tokens=batch_tokens, device=device,
+                       seed=seed)
+    if generation.allocation.status != StepStatus.done:
+        allocate_generation(workdir, manifest, generation, budget=budget, new_experts=new_experts, strategy=strategy,
+                            classifier_layers=classifier_layers, seed=seed)
+    if generation.expansion.status != StepStatus.done:
+        expand_generation(workdir, manifest, generation, device=device, router_init=router_init, classifier=classifier)
+        measure_drift(workdir, manifest, generation, device, drift_tokens)
+        workdir.save(manifest)
+    return generation
+
+
+def measure_drift(workdir: Workdir, manifest: Manifest, generation: Generation, device: str, max_tokens: int) -> dict:
+    """Bits per byte of every earlier language, before and right after the extension (recorded in the manifest)."""
+    from layermoe_cli.evaluation import evaluate_languages
+
+    previous = manifest.generations[generation.index - 1]
+    texts = {lang: texts_for(workdir, generation, lang, "heldout") for lang in generation.old_languages}
+    figures = {}
+    for label, checkpoint in (("before", latest_checkpoint(previous)), ("after", generation.expansion.checkpoint)):
+        model, tokenizer = load_checkpoint(workdir.resolve(checkpoint), device=device)
+        with token_progress(f"bpb {label} extension") as update:
+            figures[label] = {lang: r.bpb for lang, r in evaluate_languages(model, tokenizer, texts, max_tokens=max_tokens,
+                                                                            device=device, progress=update).items()}
+        del model
+    drift = {lang: figures["after"][lang] - figures["before"][lang] for lang in texts}
+    generation.expansion.metrics.update(bpb_before_extension=figures["before"], bpb_after_extension=figures["after"],
+                                        bpb_drift=drift, bpb_drift_max=max(abs(d) for d in drift.values()))
+    table = Table(title=f"earlier languages right after opening G{generation.index} (bits per byte)", title_justify="left")
+    for column in ("language", "before", "after", "Δ"):
+        table.add_column(column, justify="left" if column == "language" else "right")
+    for lang in texts:
+        table.add_row(lang, f"{figures['before'][lang]:.4f}", f"{figures['after'][lang]:.4f}", f"{drift[lang]:+.2e}")
+    console.print(table)
+    return drift

@@ -118,20 +118,39 @@ def run_profile(workdir: Workdir, *, model, old, new, data, text_field, tokens, 
         if workdir.has_manifest():
             manifest = workdir.load()
             generation = manifest.current
-            _check_matches(manifest, generation, model, old, new)
+            _check_matches(workdir, manifest, generation, model, old, new)
         else:
             manifest = new_manifest(workdir, model, old, new)
             generation = manifest.generations[1]
-        generation.data = describe_data(workdir, generation.languages, data, text_field, inherited=generation.data)
-        device = resolve_device(device)
-        config = dict(tokens=tokens, batch_tokens=batch_tokens, device=device, dtype=dtype, seed=seed, include_bos=include_bos)
-        label = f"profile of G{generation.index}"
-        with run_step(workdir, manifest, generation.profile, label, config, force) as record:
-            _profile(workdir, manifest, generation, record, tokens, batch_tokens, device, resolve_dtype(dtype, device), seed, include_bos)
+        profile_generation(workdir, manifest, generation, data=data, text_field=text_field, tokens=tokens,
+                           batch_tokens=batch_tokens, device=device, dtype=dtype, seed=seed, include_bos=include_bos,
+                           force=force)
 
 
-def _check_matches(manifest: Manifest, generation: Generation, model, old, new) -> None:
-    if model and manifest.base_model and model not in (manifest.base_model.spec, manifest.base_model.hub_id):
+def profile_generation(workdir: Workdir, manifest: Manifest, generation: Generation, *, data=(), text_field="text",
+                       tokens=100_000, batch_tokens=8192, device="auto", dtype="auto", seed=0, include_bos=False,
+                       force=False) -> None:
+    """Profile one generation inside an open session (the CLI's and the recipe runner's shared body)."""
+    generation.data = describe_data(workdir, generation.languages, list(data), text_field, inherited=generation.data)
+    device = resolve_device(device)
+    config = dict(tokens=tokens, batch_tokens=batch_tokens, device=device, dtype=dtype, seed=seed, include_bos=include_bos)
+    label = f"profile of G{generation.index}"
+    with run_step(workdir, manifest, generation.profile, label, config, force) as record:
+        _profile(workdir, manifest, generation, record, tokens, batch_tokens, device, resolve_dtype(dtype, device), seed,
+                 include_bos)
+
+
+def _same_model(workdir: Workdir, manifest: Manifest, model: str) -> bool:
+    from pathlib import Path
+
+    base = manifest.base_model
+    if model in (base.spec, base.hub_id):
+        return True
+    return Path(model).exists() and base.path is not None and workdir.rel(model) == base.path
+
+
+def _check_matches(workdir: Workdir, manifest: Manifest, generation: Generation, model, old, new) -> None:
+    if model and manifest.base_model and not _same_model(workdir, manifest, model):
         raise LayermoeError(
             f"this work dir was made from {manifest.base_model.spec}, not {model}: use another --workdir for another model"
         )

@@ -376,7 +376,8 @@ def train_stage(
     reporter = _Reporter(log_path, work_dir / "tensorboard", total_steps, start_step, show_progress, main)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     final_losses: dict[str, float] = {}
-    window_start, window_tokens = time.perf_counter(), 0
+    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+    window_sums: dict[str, torch.Tensor] = {}  # loss parts summed since the last log line
     session_start, session_steps = time.perf_counter(), 0
     try:
         for step in range(start_step + 1, total_steps + 1):
@@ -408,10 +409,14 @@ def train_stage(
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
             session_steps += 1
+            window_steps += 1
+            for k, v in sums.items():
+                window_sums[k] = window_sums.get(k, 0.0) + v
 
             record = None
             if step % config.log_every == 0 or step == total_steps:
-                stacked = accelerator.reduce(torch.stack([sums[k] for k in sorted(sums)]), reduction="mean")
+                # mean over the steps since the last line and over processes
+                stacked = accelerator.reduce(torch.stack([window_sums[k] / window_steps for k in sorted(sums)]), reduction="mean")
                 now = time.perf_counter()
                 elapsed = now - session_start
                 record = {k: float(v) for k, v in zip(sorted(sums), stacked.tolist())}
@@ -425,7 +430,7 @@ def train_stage(
                     eta_s=elapsed / session_steps * (total_steps - step),
                 )
                 final_losses = {k: record[k] for k in sorted(sums)}
-                window_start, window_tokens = now, 0
+                window_start, window_tokens, window_steps, window_sums = now, 0, 0, {}
             reporter.step(step, record)
             if on_step is not None and main:
                 on_step({"step": step, "total_steps": total_steps, "tokens_seen": tokens_seen, **{k: float(v) for k, v in sums.items()}})
