@@ -187,7 +187,7 @@ def sample_sequences(
     docs = [t for t in texts if t and t.strip()]
     random.Random(f"{seed}/{language}").shuffle(docs)
     bos = tokenizer.bos_token_id if tokenizer_prepends_bos(tokenizer) else None
-    bos_free = bos is None or include_bos  # does BOS count toward the budget?
+    bos_cost = 1 if include_bos else 0  # what a leading BOS costs from the budget
     sequences: list[list[int]] = []
     remaining = tokens
     chunk = 64  # tokenize a few documents at a time: the corpus may be far larger than needed
@@ -199,12 +199,12 @@ def sample_sequences(
                 break
             lead = [bos] if bos is not None and ids[:1] == [bos] else []
             body = ids[len(lead) :]
-            step = max_length - len(lead)
+            step = max(1, max_length - len(lead))
             for piece_start in range(0, len(body), step):
                 piece = body[piece_start : piece_start + step]
-                counted = len(piece) + (len(lead) if bos_free else 0)
+                counted = len(piece) + len(lead) * bos_cost
                 if counted > remaining:
-                    piece = piece[: remaining - (len(lead) if bos_free else 0)]
+                    piece = piece[: remaining - len(lead) * bos_cost]
                     counted = remaining
                 if not piece:  # only room left for a counted BOS: stop here
                     remaining = 0

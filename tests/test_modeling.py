@@ -89,7 +89,8 @@ def make_block(new_experts, top_k, classes=0, seed=0, hidden=32, inter=64):
     from layermoe_cli.testing import make_tiny_config
 
     torch.manual_seed(seed)
-    mlp = LlamaMLP(make_tiny_config("llama", hidden_size=hidden, intermediate_size=inter))
+    cfg = make_tiny_config("llama", hidden_size=hidden, intermediate_size=inter, num_attention_heads=1, num_key_value_heads=1)
+    mlp = LlamaMLP(cfg)
     block = LayermoeMoeBlock(mlp, new_experts, top_k=top_k, classifier_classes=classes)
     with torch.no_grad():
         for p in block.parameters():
@@ -157,6 +158,14 @@ def test_grouped_loop_and_dense_reference_agree(new_experts, top_k, classes):
     grouped = run_block(block, x, "grouped")
     assert (loop - ref).abs().max().item() < 1e-5
     assert (grouped - ref).abs().max().item() < 1e-5
+
+
+def test_grouped_falls_back_to_loop_on_unaligned_shapes():
+    # fp32 rows of 34 values are not 16-byte aligned: grouped_mm cannot take them.
+    block = make_block([2], top_k=2, hidden=34, inter=60)
+    x = torch.randn(2, 5, 34, generator=torch.Generator().manual_seed(8))
+    assert not modeling_layermoe.grouped_mm_usable(x, block.experts["g1"])
+    assert (run_block(block, x, "grouped") - dense_reference(block, x)).abs().max().item() < 1e-5
 
 
 def test_grouped_and_loop_gradients_agree():

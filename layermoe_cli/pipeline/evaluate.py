@@ -66,15 +66,16 @@ def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
     if model not in ("base", "current") and not Path(model).is_dir():
         raise LayermoeError(f"--model must be base, current, or a checkpoint folder; {model} is none of them")
 
-    # The base model's figures are measured once and cached in G0's record.
+    # The base model's figures are measured once per --max-tokens and cached in G0's record.
     base_record = manifest.generations[0].eval
-    missing_base = [lang for lang in languages if lang not in base_record.languages]
+    same_budget = base_record.config.get("max_tokens") == max_tokens
+    missing_base = [lang for lang in languages if lang not in base_record.languages or not same_budget]
     if missing_base and model != "base":
-        _measure_into(workdir, manifest, base_record, "base", missing_base, max_tokens, device, tasks=(), merge=True,
-                      label="eval of the base model")
+        _measure_into(workdir, manifest, base_record, "base", missing_base, max_tokens, device, tasks=(),
+                      merge=same_budget, label="eval of the base model", force=True)
     if model == "base":
         _measure_into(workdir, manifest, base_record, "base", languages, max_tokens, device, tasks, num_fewshot, limit,
-                      include_path, merge=True, label="eval of the base model", force=True)
+                      include_path, merge=same_budget, label="eval of the base model", force=True)
         record = base_record
     else:
         target = checkpoint if model == "current" else workdir.rel(model)

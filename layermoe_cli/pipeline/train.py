@@ -58,8 +58,10 @@ def train_generation(workdir: Workdir, manifest: Manifest, generation: Generatio
         rec.steps, rec.tokens_seen = result.steps, result.tokens_seen
         rec.final_losses = dict(result.final_losses)
         rec.frozen_checksums = dict(result.frozen_checksums)
-        rec.outputs = {"checkpoint": rec.checkpoint, "log": workdir.rel(result.log_path)}
-        rec.metrics = {"tokens_per_second": result.tokens_per_second}
+        run_dir = _run_dir(workdir, generation, stage)
+        rec.outputs = {"checkpoint": rec.checkpoint, "log": workdir.rel(run_dir / "train_log.jsonl")}
+        rec.metrics = {key: value for key, value in result.to_dict().items()
+                       if key in ("trainable_groups", "trainable_parameters", "frozen_parameters", "resumed_from_step", "data")}
 
 
 def _output_dir(workdir: Workdir, generation: Generation, stage: int) -> Path:
@@ -93,4 +95,5 @@ def _train(workdir: Workdir, manifest: Manifest, generation: Generation, stage: 
         current_generation=generation.index,
         config=config,
         work_dir=_run_dir(workdir, generation, stage),
+        show_progress=True,
     )
