@@ -218,15 +218,19 @@ def default_classifier_k(num_layers: int) -> int:
     return (CLASSIFIER_FRACTION_TENTHS * num_layers + 5) // 10
 
 
-def classifier_layers(similarity: Sequence[float], k: int | None = None) -> list[int]:
+def classifier_layers(similarity: Sequence[float], k: int | None = None,
+                      experts_per_layer: Sequence[int] | None = None) -> list[int]:
     """The K layers with the highest S^i (most shared with the old languages), sorted by index.
 
-    Default K = `default_classifier_k`. Equal similarities go to the lower index.
+    Default K = `default_classifier_k`. Equal similarities go to the lower index. Given
+    `experts_per_layer`, only layers with new experts are candidates: a dense layer has
+    nothing to route, so a classifier there would do nothing (K is then capped by their count).
     """
     s = np.asarray(similarity, dtype=np.float64)
     k = default_classifier_k(len(s)) if k is None else k
     validate_budget(len(s), len(s), k=k)
-    chosen = sorted(range(len(s)), key=lambda i: (-s[i], i))[:k]
+    candidates = range(len(s)) if experts_per_layer is None else [i for i, n in enumerate(experts_per_layer) if n > 1]
+    chosen = sorted(candidates, key=lambda i: (-s[i], i))[:k]
     return sorted(chosen)
 
 

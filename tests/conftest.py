@@ -14,3 +14,16 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def wide_consoles():
+    """Rich tables and notes at a fixed, wide width: test output must not depend on the terminal."""
+    from layermoe_cli.console import console, err_console
+
+    saved = console.width, err_console.width
+    console.width = err_console.width = 200
+    yield
+    console.width, err_console.width = saved

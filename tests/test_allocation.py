@@ -206,3 +206,14 @@ def test_new_parameter_count():
     assert new_parameter_count([3, 1], params_per_expert=1000, hidden_size=10, classifier_layers=[1]) == 2000 + 30 + 20
     assert new_parameter_count([3, 1], 1000, 10, classifier_layers=1) == 2050
     assert new_parameter_count([1, 1], 1000, 10) == 0
+
+
+def test_classifiers_go_only_to_layers_with_new_experts():
+    from layermoe_cli.allocation import classifier_layers
+
+    similarity = [0.2, 0.9, 0.8, 0.3]
+    assert classifier_layers(similarity, 2) == [1, 2]
+    # layer 1 is the most similar but stayed dense: the next most similar MoE layers win
+    assert classifier_layers(similarity, 2, experts_per_layer=[3, 1, 2, 2]) == [2, 3]
+    # K is capped by the number of MoE layers
+    assert classifier_layers(similarity, 3, experts_per_layer=[1, 1, 2, 1]) == [2]

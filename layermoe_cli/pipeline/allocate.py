@@ -52,7 +52,10 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
         record.strategy, record.budget, record.rounding, record.overshoot = strategy, budget, rounding, overshoot
         record.experts_per_layer = list(experts)
         record.new_experts_per_layer = [n - 1 for n in experts]
-        record.classifier_layers = alloc.classifier_layers(similarity, k) if similarity is not None else []
+        record.classifier_layers = alloc.classifier_layers(similarity, k, experts) if similarity is not None else []
+        if similarity is not None and len(record.classifier_layers) < k:
+            err_console.print(f"[yellow]note:[/] only {len(record.classifier_layers)} layers got new experts, so "
+                              f"{len(record.classifier_layers)} classifiers instead of {k}", soft_wrap=True)
         base = manifest.base_model
         per_expert = 3 * base.hidden_size * base.intermediate_size
         record.new_parameters = alloc.new_parameter_count(experts, per_expert, base.hidden_size, record.classifier_layers)
@@ -68,7 +71,7 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
         record.outputs = {"plot": workdir.rel(out / "allocation.png")}
         console.print(allocation_table(manifest, generation))
         if overshoot:
-            err_console.print(f"[yellow]note:[/] literal ceil (Eq. 10) gives Σ N^i = {sum(experts)}, {overshoot} over δ = {budget}")
+            err_console.print(f"[yellow]note:[/] literal ceil (Eq. 10) gives Σ N^i = {sum(experts)}, {overshoot} over δ = {budget}", soft_wrap=True)
 
 
 def _invalidate_later_steps(generation: Generation) -> None:
@@ -78,7 +81,7 @@ def _invalidate_later_steps(generation: Generation) -> None:
         generation.step(name).status = StepStatus.pending
     if stale:
         err_console.print(f"[yellow]note:[/] {', '.join(stale)} of G{generation.index} now pending: "
-                          "run `layermoe expand --force` for the new allocation")
+                          "run `layermoe expand --force` for the new allocation", soft_wrap=True)
 
 
 def allocation_table(manifest: Manifest, generation: Generation) -> Table:

@@ -132,12 +132,18 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype=None):
     return model, tokenizer
 
 
-def texts_for(workdir: Workdir, generation: Generation, language: str, split: str) -> list[str]:
-    """Documents of one language from the data source recorded for it (train or held-out side)."""
+def documents_for_tokens(tokens: int | None) -> int | None:
+    """How many documents to read for a token budget: generous (short documents), but bounded for huge corpora."""
+    return None if tokens is None else max(1000, tokens // 20)
+
+
+def texts_for(workdir: Workdir, generation: Generation, language: str, split: str, limit: int | None = None) -> list[str]:
+    """Documents of one language from the data source recorded for it (train or held-out side), at most `limit`."""
     from layermoe_cli.data import load_texts
 
     source = generation.data[language]
     spec = source.spec
     if source.kind not in ("builtin", "hf"):
         spec = str(workdir.resolve(spec))
-    return load_texts(language, spec, split=split, cache_dir=workdir.cache_dir / "datasets", text_field=source.text_field)
+    return load_texts(language, spec, split=split, limit=limit, cache_dir=workdir.cache_dir / "datasets",
+                      text_field=source.text_field)

@@ -12,6 +12,7 @@ from layermoe_cli.console import console, err_console
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import EvalRecord, Generation, LanguageEval, Manifest, StepStatus
 from layermoe_cli.pipeline.common import (
+    documents_for_tokens,
     latest_checkpoint,
     load_base,
     load_checkpoint,
@@ -40,10 +41,11 @@ def _data_home(manifest: Manifest, language: str) -> Generation:
     raise LayermoeError(f"no data recorded for {language}: run `layermoe profile` first")
 
 
-def _held_out(workdir: Workdir, manifest: Manifest, languages: list[str]) -> dict[str, list[str]]:
+def _held_out(workdir: Workdir, manifest: Manifest, languages: list[str], max_tokens: int | None) -> dict[str, list[str]]:
     texts = {}
     for language in languages:
-        texts[language] = texts_for(workdir, _data_home(manifest, language), language, "heldout")
+        texts[language] = texts_for(workdir, _data_home(manifest, language), language, "heldout",
+                                    limit=documents_for_tokens(max_tokens))
         if not texts[language]:
             raise LayermoeError(f"the held-out split of {language} is empty: give it more documents with --data")
     return texts
@@ -102,7 +104,7 @@ def _measure_into(workdir, manifest, record: EvalRecord, model_ref: str, languag
     if record.status == StepStatus.done and record.config == config and not force:
         err_console.print(f"[green]✓[/] {label} is up to date (same model and settings; use --force to measure again)")
         return
-    texts = _held_out(workdir, manifest, languages)
+    texts = _held_out(workdir, manifest, languages, max_tokens)
     previous = dict(record.languages) if merge else {}
     with run_step(workdir, manifest, record, label, config, force=True) as rec:
         if model_ref == "base":
@@ -170,7 +172,7 @@ def eval_table(manifest: Manifest, generation: Generation, record: EvalRecord) -
         table.add_column(column, justify="left" if column == "language" else "right")
     for lang, result in sorted(record.languages.items(), key=lambda kv: (known.get(kv[0], 0), kv[0])):
         before = base.get(lang)
-        delta = "—" if before is None or record is manifest.generations[0].eval else f"{result.bpb - before.bpb:+.4f}"
+        delta = "—" if before is None or record is manifest.generations[0].eval else f"{round(result.bpb - before.bpb, 4) + 0.0:+.4f}"
         table.add_row(lang, f"G{known.get(lang, '?')}", f"{before.bpb:.4f}" if before else "—", f"{result.bpb:.4f}", delta,
                       f"{result.tokens:,}" if result.tokens else "—")
     parts = []

@@ -86,7 +86,10 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
     with torch.no_grad():
         logits = model(**probe).logits.float()
     diff = (logits - reference).abs().max().item()
-    if not diff <= PRESERVATION_TOLERANCE:
+    # Upcycling a dense model must reproduce it exactly. Extending a trained MoE need not: new
+    # router rows that tie with expert 0 pull some earlier tokens onto the (expert-0-like) new
+    # experts; `extend` measures that drift in bits per byte instead.
+    if generation.index == 1 and not diff <= PRESERVATION_TOLERANCE:
         raise RuntimeError(f"the expanded model does not reproduce its source (max |Δlogit| = {diff:.3g}): this is a bug")
 
     # Write next to the target, then rename: a crash never leaves a checkpoint that looks complete.
@@ -107,7 +110,11 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
     record.added_parameters = total - base.num_parameters if base.num_parameters else None
     record.outputs = {"checkpoint": record.checkpoint}
     console.print(_table(generation, record, base.num_parameters))
-    err_console.print(f"checked: max |Δlogit| against the source model = {diff:.2e} (≤ {PRESERVATION_TOLERANCE:g})")
+    if generation.index == 1:
+        err_console.print(f"checked: max |Δlogit| against the base model = {diff:.2e} (≤ {PRESERVATION_TOLERANCE:g})")
+    else:
+        err_console.print(f"max |Δlogit| against G{generation.index - 1}'s model = {diff:.2e} (router_init "
+                          f"{router_init or 'expert0'}; the bits-per-byte drift follows)", soft_wrap=True)
 
 
 def _probe_batch(workdir, generation, tokenizer, device, documents_per_language: int = 2, max_length: int = 64):

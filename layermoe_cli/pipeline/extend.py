@@ -13,7 +13,7 @@ from layermoe_cli.console import console, err_console
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import Generation, Manifest, StepStatus
 from layermoe_cli.pipeline.allocate import allocate_generation
-from layermoe_cli.pipeline.common import latest_checkpoint, load_checkpoint, resolve_device, texts_for, token_progress
+from layermoe_cli.pipeline.common import documents_for_tokens, latest_checkpoint, load_checkpoint, resolve_device, texts_for, token_progress
 from layermoe_cli.pipeline.expand import expand_generation
 from layermoe_cli.pipeline.profile import profile_generation
 from layermoe_cli.workdir import Workdir, session
@@ -54,7 +54,7 @@ def open_generation(manifest: Manifest, new: list[str]) -> Generation:
         raise LayermoeError(f"G{current.index} has no expanded model yet: run `layermoe expand` "
                             f"(and `layermoe train --stage 1/2`) before extending")
     if current.stage2.status != StepStatus.done:
-        err_console.print(f"[yellow]note:[/] G{current.index} has not finished stage 2; extending from its latest model")
+        err_console.print(f"[yellow]note:[/] G{current.index} has not finished stage 2; extending from its latest model", soft_wrap=True)
     generation = Generation(index=current.index + 1, old_languages=current.languages, new_languages=new,
                             data=dict(current.data))
     manifest.generations.append(generation)
@@ -87,7 +87,8 @@ def measure_drift(workdir: Workdir, manifest: Manifest, generation: Generation, 
     from layermoe_cli.evaluation import evaluate_languages
 
     previous = manifest.generations[generation.index - 1]
-    texts = {lang: texts_for(workdir, generation, lang, "heldout") for lang in generation.old_languages}
+    texts = {lang: texts_for(workdir, generation, lang, "heldout", limit=documents_for_tokens(max_tokens))
+             for lang in generation.old_languages}
     figures = {}
     for label, checkpoint in (("before", latest_checkpoint(previous)), ("after", generation.expansion.checkpoint)):
         model, tokenizer = load_checkpoint(workdir.resolve(checkpoint), device=device)

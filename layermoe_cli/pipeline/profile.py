@@ -10,6 +10,7 @@ from layermoe_cli.console import console, err_console
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import BaseModelRecord, DataSourceRecord, Generation, Manifest
 from layermoe_cli.pipeline.common import (
+    documents_for_tokens,
     load_generation_model,
     resolve_device,
     resolve_dtype,
@@ -168,7 +169,8 @@ def _profile(workdir, manifest, generation, record, tokens, batch_tokens, device
 
     from layermoe_cli.similarity import layer_scores, pair_means, profile_model
 
-    texts = {lang: texts_for(workdir, generation, lang, "train") for lang in generation.languages}
+    limit = documents_for_tokens(tokens)
+    texts = {lang: texts_for(workdir, generation, lang, "train", limit=limit) for lang in generation.languages}
     model, tokenizer = load_generation_model(workdir, manifest, generation, device=device, dtype=dtype)
     if generation.index == 1:
         record_base_shape(manifest, model)

@@ -1,0 +1,157 @@
+"""G0 → G1 → G2 end to end on a tiny model: expert counts, frozen weights, router rows kept,
+drift recorded at extend, a run killed between steps resumes, a work dir moved mid-chain."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from layermoe_cli.cli import app
+from layermoe_cli.manifest import StepStatus
+from layermoe_cli.testing import make_tiny_model
+from layermoe_cli.workdir import Workdir
+
+runner = CliRunner()
+LAYERS = 4
+TRAIN = ["--max-steps", "2", "--seq-len", "32", "--micro-batch", "2", "--checkpoint-every", "1"]
+
+
+def layermoe(workdir: Path, *args: str):
+    result = runner.invoke(app, ["-w", str(workdir), *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, (args, result.output)
+    return result
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Run G1 fully, move the work dir, then extend to G2 and train it."""
+    root = tmp_path_factory.mktemp("chain")
+    tiny = make_tiny_model(root / "tiny", "llama", num_layers=LAYERS, shared_direction=0.05)
+    first = root / "first"
+    layermoe(first, "profile", "--model", str(tiny), "--old", "en", "--new", "el,hu", "--tokens", "600")
+    layermoe(first, "allocate", "--budget", "8", "--classifier-layers", "1")
+    layermoe(first, "expand")
+    layermoe(first, "train", "--stage", "1", *TRAIN)
+    layermoe(first, "train", "--stage", "2", *TRAIN)
+    moved = root / "elsewhere" / "run"  # the work dir moves to another path mid-chain
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    extend = layermoe(moved, "extend", "--new", "bn,hi", "--budget", "7", "--tokens", "600", "--drift-tokens", "200",
+                      "--classifier-layers", "2")
+    layermoe(moved, "train", "--stage", "1", *TRAIN)
+    layermoe(moved, "train", "--stage", "2", *TRAIN)
+    return moved, extend
+
+
+def test_expert_counts_per_generation(chain):
+    workdir, _ = chain
+    manifest = Workdir(workdir).load()
+    g1, g2 = manifest.generations[1], manifest.generations[2]
+    assert sum(g1.allocation.experts_per_layer) == 8 and sum(g2.allocation.experts_per_layer) == 7
+    assert g2.old_languages == ["en", "el", "hu"] and g2.new_languages == ["bn", "hi"]
+    config = json.loads((workdir / g2.stage2.checkpoint / "config.json").read_text())
+    assert config["new_experts"] == [[a, b] for a, b in zip(g1.allocation.new_experts_per_layer,
+                                                             g2.allocation.new_experts_per_layer)]
+    assert config["classifier_classes"] == 3  # G0, G1, G2: the lifelong prior
+    assert config["classifier_layers"] == g2.allocation.classifier_layers
+
+
+def test_g0_and_g1_tensors_unchanged_by_g2(chain):
+    workdir, _ = chain
+    manifest = Workdir(workdir).load()
+    before = weights(workdir / manifest.generations[1].stage2.checkpoint)
+    after = weights(workdir / manifest.generations[2].stage2.checkpoint)
+    frozen = [name for name in before if "router" not in name and "classifier" not in name]
+    assert any(".experts.g1." in name for name in frozen) and any("expert0" in name for name in frozen)
+    for name in frozen:
+        assert torch.equal(before[name], after[name]), name
+    # ... while G2's own experts did train
+    g2_expanded = weights(workdir / manifest.generations[2].expansion.checkpoint)
+    g2_names = [n for n in after if ".experts.g2." in n]
+    assert g2_names and any(not torch.equal(g2_expanded[n], after[n]) for n in g2_names)
+    # the manifest's checksums were verified by training and cover the frozen G1 experts
+    assert any(".experts.g1." in n for n in manifest.generations[2].stage1.frozen_checksums)
+
+
+def test_router_rows_kept_at_extend(chain):
+    workdir, _ = chain
+    manifest = Workdir(workdir).load()
+    trained = weights(workdir / manifest.generations[1].stage2.checkpoint)
+    extended = weights(workdir / manifest.generations[2].expansion.checkpoint)
+    routers = [n for n in trained if n.endswith("router.weight")]
+    assert routers
+    for name in routers:
+        old_rows = trained[name].shape[0]
+        assert torch.equal(extended[name][:old_rows], trained[name]), name
+
+
+def test_drift_of_earlier_languages_is_recorded(chain):
+    workdir, extend = chain
+    metrics = Workdir(workdir).load().generations[2].expansion.metrics
+    assert set(metrics["bpb_drift"]) == {"en", "el", "hu"}
+    for lang, drift in metrics["bpb_drift"].items():
+        assert drift == pytest.approx(metrics["bpb_after_extension"][lang] - metrics["bpb_before_extension"][lang])
+    assert metrics["bpb_drift_max"] == max(abs(d) for d in metrics["bpb_drift"].values())
+    assert "earlier languages right after opening G2" in extend.output
+
+
+def test_killed_recipe_resumes_where_it_stopped(tmp_path):
+    tiny = make_tiny_model(tmp_path / "tiny", "llama", num_layers=LAYERS, shared_direction=0.05)
+    recipe = tmp_path / "recipe.yaml"
+    train = "{max_steps: 2, seq_len: 32, micro_batch_size: 2, checkpoint_every: 1}"
+    recipe.write_text(f"""
+model: {tiny}
+device: cpu
+generations:
+  - old: [en]
+    new: [el]
+    profile: {{tokens: 400}}
+    allocate: {{budget: 6}}
+    stage1: {train}
+    stage2: {train}
+    eval: {{max_tokens: 100}}
+""")
+    workdir = tmp_path / "run"
+    env = {**os.environ, "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "layermoe_cli", "-w", str(workdir), "run", str(recipe)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # (if this fails, run the same recipe by hand: `python -m layermoe_cli -w run run recipe.yaml`)
+    try:  # kill it once the expansion is recorded, i.e. between steps
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            manifest = workdir / "manifest.json"
+            if manifest.exists() and '"checkpoint": "g1/expanded"' in manifest.read_text():
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"the recipe ended (exit code {proc.returncode}) before we could kill it")
+            time.sleep(0.2)
+        else:
+            pytest.fail("the recipe never reached the expansion")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    killed = Workdir(workdir).load().generations[1]
+    assert killed.expansion.status == StepStatus.done and killed.stage2.status != StepStatus.done
+    profiled_at = killed.profile.started_at
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    g1 = Workdir(workdir).load().generations[1]
+    assert all(g1.step(s).status == StepStatus.done for s in ("profile", "allocation", "expansion", "stage1", "stage2", "eval"))
+    assert g1.profile.started_at == profiled_at  # not redone
+    assert "profile of G1 is done already" in done.stderr
