@@ -46,13 +46,18 @@ def _quiet_libraries() -> None:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # e.g. transformers' GGUF conversion bar
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-    except ImportError:
+        # The GGUF conversion uses tqdm directly, not transformers' switch: silence that bar only.
+        import functools
+
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+    except (ImportError, AttributeError):
         pass
 
 
@@ -224,7 +229,7 @@ def run(
 @app.command(epilog="Example: layermoe demo -w /tmp/demo")
 def demo(
     ctx: typer.Context,
-    compare: bool = typer.Option(False, "--compare", help="Also run the MoE-LPR baseline and a dense fine-tune, side by side."),
+    compare: bool = typer.Option(False, "--compare", help="Instead of the chain: LayerMoE (40% of the baseline's new experts), MoE-LPR and a dense fine-tune, side by side."),
 ) -> None:
     """The whole chain on the embedded model and corpus, offline."""
     from layermoe_cli.pipeline.recipe import run_demo

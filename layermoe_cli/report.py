@@ -253,6 +253,25 @@ def _forgetting(manifest: dict, generation: dict[str, int], base: dict[str, floa
     return lines + _table(header, rows)
 
 
+def _extension_drift(manifest: dict) -> list[str]:
+    """Earlier languages measured right before and right after each `extend` (before any training)."""
+    lines = []
+    for g in _generations(manifest):
+        metrics = _step(g, "expansion").get("metrics") or {}
+        drift = metrics.get("bpb_drift")
+        if g.get("index", 0) < 2 or not drift:
+            continue
+        if not lines:
+            lines = ["## Earlier languages when a generation opens", "",
+                     "Bits per byte of every earlier language on the model before `extend` and on the extended, "
+                     "untrained model (the new experts are copies of expert 0; their router rows decide the drift).", ""]
+        before, after = metrics.get("bpb_before_extension", {}), metrics.get("bpb_after_extension", {})
+        lines += [f"**{_name(g['index'])}** (router_init {(_step(g, 'expansion').get('config') or {}).get('router_init') or 'expert0'})", ""]
+        lines += _table(["Language", "Before", "After", "Δ"],
+                        [[lang, _num(before.get(lang)), _num(after.get(lang)), _signed(d)] for lang, d in drift.items()])
+    return lines
+
+
 def _routing(manifest: dict, workdir: Path) -> list[str]:
     lines = ["## Routing health", ""]
     found = False
@@ -380,7 +399,7 @@ def render_report(manifest: dict, workdir: Path) -> str:
     stamp = [s for s in stamp if s]
     if stamp:
         head += [f"_From manifest.json ({', '.join(stamp)})._", ""]
-    lines = head + _lineage(manifest) + _parameters(manifest, workdir) + _bpb(manifest, workdir) + _routing(manifest, workdir) + _benchmarks(manifest)
+    lines = head + _lineage(manifest) + _parameters(manifest, workdir) + _bpb(manifest, workdir) + _extension_drift(manifest) + _routing(manifest, workdir) + _benchmarks(manifest)
     text = "\n".join(lines).rstrip() + "\n"
     (workdir / REPORT_NAME).write_text(text, encoding="utf-8")
     return text

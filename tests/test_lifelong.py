@@ -155,3 +155,15 @@ generations:
     assert all(g1.step(s).status == StepStatus.done for s in ("profile", "allocation", "expansion", "stage1", "stage2", "eval"))
     assert g1.profile.started_at == profiled_at  # not redone
     assert "profile of G1 is done already" in done.stderr
+
+
+def test_report_shows_the_drift_at_extension(chain, tmp_path):
+    from layermoe_cli.report import render_report
+
+    workdir, _ = chain
+    manifest = Workdir(workdir).load()
+    text = render_report(manifest.model_dump(mode="json"), workdir)
+    assert "## Earlier languages when a generation opens" in text
+    drift = manifest.generations[2].expansion.metrics["bpb_drift"]
+    for lang, value in drift.items():
+        assert f"| {lang} |" in text and f"{value:+.4f}" in text

@@ -17,14 +17,6 @@ from layermoe_cli.training.losses import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _softmax(row):
     m = max(row)
     e = [math.exp(v - m) for v in row]

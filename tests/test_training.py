@@ -21,15 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 GENS = {"en": 0, "el": 1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is small and shared; one thread keeps CPU runs fast and bitwise stable.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

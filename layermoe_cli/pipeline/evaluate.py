@@ -97,7 +97,7 @@ def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
 def _measure_into(workdir, manifest, record: EvalRecord, model_ref: str, languages, max_tokens, device, tasks=(),
                   num_fewshot=None, limit=None, include_path=None, merge=False, label="eval", force=False,
                   generation: Generation | None = None) -> None:
-    from layermoe_cli.evaluation import evaluate_languages, plot_routing, routing_health
+    from layermoe_cli.evaluation import evaluate_languages, routing_health
 
     config = dict(model=model_ref, languages=sorted(languages), max_tokens=max_tokens, tasks=list(tasks),
                   num_fewshot=num_fewshot, limit=limit)
@@ -119,9 +119,8 @@ def _measure_into(workdir, manifest, record: EvalRecord, model_ref: str, languag
             health = routing_health(model, tokenizer, texts, manifest.generation_of_language(), generation.index,
                                     max_tokens=max_tokens, device=device)
             rec.routing = health.to_dict()
-            plot = workdir.generation_dir(generation.index) / "routing.png"
-            plot_routing(rec.routing, plot)
-            rec.outputs["routing_plot"] = workdir.rel(plot)
+            # drawn by the report (render_report), like every figure that comes from the manifest
+            rec.outputs["routing_plot"] = workdir.rel(workdir.generation_dir(generation.index) / "routing.png")
         if tasks:
             from layermoe_cli.lm_eval_bridge import run_lm_eval
 

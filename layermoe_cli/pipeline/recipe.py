@@ -41,6 +41,7 @@ class Recipe(BaseModel):
     model: str
     device: str = "auto"
     generations: list[GenerationRecipe]
+    compare: dict[str, Any] | None = None  # LayerMoE vs MoE-LPR vs dense on one generation (pipeline/compare.py)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -73,6 +74,11 @@ def _skip_done(step, *args, **kwargs) -> None:
 
 def run_recipe(workdir: Workdir, recipe_path: str | Path) -> Manifest:
     recipe = load_recipe(recipe_path)
+    if recipe.compare is not None:
+        from layermoe_cli.pipeline.compare import run_compare
+
+        run_compare(workdir, recipe)
+        return None
     with session(workdir):
         return _run(workdir, recipe)
 
@@ -116,11 +122,13 @@ def _data_args(spec: GenerationRecipe):
 
 def run_demo(workdir: Workdir, compare: bool = False) -> None:
     """The embedded chain: SmolLM2-135M (GGUF) and the builtin corpus, G0 = en → G1 → G2."""
-    if compare:
-        raise LayermoeError("`layermoe demo --compare` is not built yet in this version")
-    recipe = RECIPES_DIR / "demo.yaml"
+    name = "compare.yaml" if compare else "demo.yaml"
+    recipe = RECIPES_DIR / name
     if not recipe.is_file():  # installed without the source tree: the recipe travels with the package
-        recipe = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
+        recipe = Path(__file__).resolve().parent.parent / "recipes" / name
+    if compare:  # LayerMoE vs MoE-LPR vs a dense fine-tune on G0 → G1 (pipeline/compare.py)
+        run_recipe(workdir, recipe)
+        return
     manifest = run_recipe(workdir, recipe)
     _demo_summary(manifest)
 

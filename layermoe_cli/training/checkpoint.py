@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from layermoe_cli.errors import LayermoeError
+from layermoe_cli.workdir import fsync_dir
 
 COMPLETE = "COMPLETE"
 _PREFIX = "step-"
@@ -136,15 +137,7 @@ def _fsync_tree(directory: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(directory)
 
 
 def publish(root: Path, step: int, keep: int) -> Path:
@@ -156,7 +149,7 @@ def publish(root: Path, step: int, keep: int) -> Path:
     if target.exists():  # a complete checkpoint of the same step from an earlier attempt
         shutil.rmtree(target)
     os.replace(stage, target)
-    _fsync_dir(Path(root))
+    fsync_dir(Path(root))
     for old in checkpoint_dirs(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target

@@ -5,6 +5,10 @@ Stage 1 trains this generation's new experts and the routers on the new language
 the new languages plus a replay of the old ones (next-token + beta x LPR + gamma x
 classifier). See METHOD.md section 4.
 
+A plain Hugging Face causal LM (not a layermoe checkpoint) trains as a dense full
+fine-tune: stage 1 only, every weight trainable, next-token loss only, saved with
+save_pretrained (the baseline of `layermoe demo --compare`).
+
 Devices come from `accelerate`: a plain call runs on one device; `accelerate launch
 --config_file recipes/accelerate/<name>.yaml -m layermoe_cli.training.run_stage ...` runs
 the same function under DDP, FSDP2 or DeepSpeed.
@@ -50,6 +54,23 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------- what trains
+
+
+DENSE_GROUPS = ["all"]  # what a dense full fine-tune trains
+
+
+def is_layermoe_checkpoint(model_dir: Path) -> bool:
+    """True for a checkpoint written by the expand step, False for a plain HF causal LM."""
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type") == "layermoe"
+    except (OSError, ValueError):
+        raise LayermoeError(f"{model_dir} has no readable config.json; give a checkpoint directory") from None
+
+
+def _load_dense(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir)
 
 
 def trainable_groups(stage: int, current_generation: int) -> list[str]:
@@ -244,7 +265,8 @@ def train_stage(
 ) -> TrainResult:
     """Train one stage and save the model to output_dir (same format as the expand step).
 
-    model_dir: the expanded checkpoint (stage 1) or the stage-1 output (stage 2).
+    model_dir: the expanded checkpoint (stage 1) or the stage-1 output (stage 2); a plain HF
+    causal LM here means a dense full fine-tune (stage 1 only, all weights, next-token loss).
     texts_by_language: training-side documents per language (held-out data already removed).
     work_dir: holds `checkpoints/`, `cache/` (tokenised data) and, by default, `train_log.jsonl`.
     Calling again with the same arguments after a crash resumes from the last complete
@@ -265,22 +287,29 @@ def train_stage(
     set_seed(config.seed)
 
     # ---- model, freezing, checksums
-    model = load_layermoe(model_dir)
-    if current_generation > model.config.num_generations:
+    dense = not is_layermoe_checkpoint(model_dir)
+    if dense and config.stage != 1:
+        raise LayermoeError(f"{model_dir} is a dense model: it has no router, so only stage 1 (a full fine-tune) applies")
+    model = _load_dense(model_dir) if dense else load_layermoe(model_dir)
+    if not dense and current_generation > model.config.num_generations:
         raise LayermoeError(
             f"the model in {model_dir} has {model.config.num_generations} generation(s) of experts, not {current_generation}; expand it first"
         )
-    if not model.config.moe_layers:
+    if not dense and not model.config.moe_layers:
         raise LayermoeError(f"the model in {model_dir} has no MoE layer; nothing to train")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     storage_dtype = next(iter(model.parameters())).dtype
     # Weights live in fp32 (exact for bf16/fp16 checkpoints); bf16/fp16 is autocast compute,
     # so the optimizer never rounds a 5e-5 update away. Cast back to storage dtype on save.
     model.float()
-    trainable_names = freeze_for_stage(model, config.stage, current_generation)
+    if dense:
+        model.requires_grad_(True)
+        trainable_names = [name for name, _ in model.named_parameters()]
+    else:
+        trainable_names = freeze_for_stage(model, config.stage, current_generation)
     params = dict(model.named_parameters())
-    classifier_routing = model.config.classifier_routing
-    if config.stage == 1:
+    classifier_routing = None if dense else model.config.classifier_routing
+    if config.stage == 1 and not dense:
         # The classifier is untrained until stage 2: let the router alone decide routing now.
         model.set_classifier_routing(False)
     if config.gradient_checkpointing:
@@ -288,8 +317,9 @@ def train_stage(
     model.train()
     frozen_names = [n for n in params if n not in set(trainable_names)]
     frozen_sums = ckpt.frozen_checksums((n, params[n]) for n in frozen_names)
-    expert_generation = {i: torch.tensor(model.expert_generation_ids(i)) for i in model.config.moe_layers}
-    top_k = next(iter(model.moe_blocks().values())).top_k  # the routers' k, as the model routes
+    if not dense:
+        expert_generation = {i: torch.tensor(model.expert_generation_ids(i)) for i in model.config.moe_layers}
+        top_k = next(iter(model.moe_blocks().values())).top_k  # the routers' k, as the model routes
 
     # ---- data (tokenised once, on the main process first so the others hit the cache)
     documents = select_documents(texts_by_language, generation_of_language, current_generation, config)
@@ -396,9 +426,12 @@ def train_stage(
                         input_ids=batch["input_ids"],
                         attention_mask=batch["attention_mask"],
                         labels=batch["labels"],
-                        output_router_logits=True,
+                        **({} if dense else {"output_router_logits": True}),
                     )
-                    loss, parts = stage_loss(outputs, batch, config.stage, current_generation, config, expert_generation, top_k)
+                    if dense:
+                        loss, parts = outputs.loss, {"ntp": outputs.loss.detach().float(), "loss": outputs.loss.detach().float()}
+                    else:
+                        loss, parts = stage_loss(outputs, batch, config.stage, current_generation, config, expert_generation, top_k)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(trainable_params, config.max_grad_norm)
@@ -446,7 +479,7 @@ def train_stage(
         checksum_by_rank: list[str] = []
         if main:
             ckpt.verify_frozen(((n, full[n]) for n in frozen_names if n in full), {n: frozen_sums[n] for n in frozen_names if n in full})
-            final = load_layermoe(model_dir)
+            final = _load_dense(model_dir) if dense else load_layermoe(model_dir)
             final.load_state_dict({k: v.to(storage_dtype) for k, v in full.items()}, strict=False)
     else:
         live = dict(unwrapped.named_parameters())
@@ -456,10 +489,14 @@ def train_stage(
         if main:
             final.to(storage_dtype)
     if main:
-        final.set_classifier_routing(classifier_routing)
         if config.gradient_checkpointing:
             final.gradient_checkpointing_disable()
-        save_layermoe(final, output_dir, tokenizer)
+        if dense:
+            final.save_pretrained(output_dir, safe_serialization=True)
+            tokenizer.save_pretrained(output_dir)
+        else:
+            final.set_classifier_routing(classifier_routing)
+            save_layermoe(final, output_dir, tokenizer)
     accelerator.wait_for_everyone()
 
     num = {n: p.numel() for n, p in params.items()}
@@ -469,7 +506,7 @@ def train_stage(
         steps=total_steps,
         tokens_seen=tokens_seen,
         final_losses=final_losses,
-        trainable_groups=trainable_groups(config.stage, current_generation),
+        trainable_groups=list(DENSE_GROUPS) if dense else trainable_groups(config.stage, current_generation),
         trainable_parameters=sum(num[n] for n in trainable_names),
         frozen_parameters=sum(num[n] for n in frozen_names),
         frozen_checksums=frozen_sums,

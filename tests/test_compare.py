@@ -1,0 +1,183 @@
+"""`layermoe run` on a compare recipe (what `layermoe demo --compare` runs), on a tiny model:
+the three variants, their expert and parameter counts, the table's arithmetic, a re-run that
+skips what is done, and the dense full fine-tune of `train_stage`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from layermoe_cli.cli import app
+from layermoe_cli.pipeline.compare import CompareSpec, expert_budgets, round_half_up
+from layermoe_cli.testing import make_tiny_model
+from layermoe_cli.workdir import Workdir
+
+runner = CliRunner()
+LAYERS = 4
+TRAIN = "{max_steps: 2, seq_len: 32, micro_batch_size: 2, checkpoint_every: 1, learning_rate: 1.0e-2}"
+
+
+def write_recipe(path: Path, model: Path, compare: str = "{baseline_new_experts_per_layer: 2, layermoe_share: 0.4}",
+                 allocate: str = "{classifier_layers: 1}") -> Path:
+    path.write_text(f"""
+model: {model}
+device: cpu
+compare: {compare}
+generations:
+  - old: [en]
+    new: [el, hu]
+    profile: {{tokens: 400}}
+    allocate: {allocate}
+    stage1: {TRAIN}
+    stage2: {TRAIN}
+    eval: {{max_tokens: 100}}
+""")
+    return path
+
+
+def layermoe(workdir: Path, *args: str, code: int = 0):
+    result = runner.invoke(app, ["-w", str(workdir), *args], env={"COLUMNS": "250"})
+    assert result.exit_code == code, (args, result.output)
+    return result
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    tiny = make_tiny_model(root / "tiny", "llama", num_layers=LAYERS, shared_direction=0.05)
+    recipe = write_recipe(root / "recipe.yaml", tiny)
+    workdir = root / "run"
+    first = layermoe(workdir, "run", str(recipe))
+    snapshot = {name: Workdir(workdir / "compare" / name).load() for name in ("layermoe", "moe-lpr")}
+    dense_record = (workdir / "compare" / "dense" / "train.json").read_text()
+    evals = {p.name: p.read_text() for p in (workdir / "compare" / "eval").iterdir()}
+    second = layermoe(workdir, "run", str(recipe))
+    return dict(root=root, tiny=tiny, recipe=recipe, workdir=workdir, first=first, second=second, snapshot=snapshot,
+                dense_record=dense_record, evals=evals)
+
+
+def test_budgets_round_the_share_of_the_baseline():
+    assert expert_budgets(4, CompareSpec()) == {"baseline_new_experts": 8, "layermoe_new_experts": 3, "layermoe_budget": 7}
+    assert expert_budgets(30, CompareSpec()) == {"baseline_new_experts": 60, "layermoe_new_experts": 24, "layermoe_budget": 54}
+    assert expert_budgets(5, CompareSpec(baseline_new_experts_per_layer=1, layermoe_share=0.5))["layermoe_new_experts"] == 3
+    assert round_half_up(2.5) == 3 and round_half_up(2.4999) == 2
+
+
+def test_table_has_the_three_variants_with_the_right_expert_counts(compared):
+    table = json.loads((compared["workdir"] / "compare.json").read_text())
+    rows = {row["variant"]: row for row in table["variants"]}
+    assert [row["variant"] for row in table["variants"]] == ["layermoe", "moe-lpr", "dense"]
+    assert rows["layermoe"]["new_experts"] == round(0.4 * LAYERS * 2) == 3
+    assert rows["moe-lpr"]["new_experts"] == LAYERS * 2
+    assert rows["moe-lpr"]["new_experts_per_layer"] == [2] * LAYERS
+    assert rows["dense"]["new_experts"] == 0
+    manifests = compared["snapshot"]
+    assert manifests["layermoe"].generations[1].allocation.strategy == "layerwise"
+    assert manifests["layermoe"].generations[1].allocation.budget == LAYERS + 3
+    assert manifests["moe-lpr"].generations[1].allocation.classifier_layers == []
+    assert len(manifests["layermoe"].generations[1].allocation.classifier_layers) == 1
+    # every variant trained stage 1 on the same tokens
+    tokens = {row["variant"]: row["tokens_seen"][0] for row in table["variants"]}
+    assert len(set(tokens.values())) == 1 and tokens["dense"] > 0
+    assert [row["steps"] for row in table["variants"]] == [[2, 2], [2, 2], [2]]
+    text = compared["first"].output
+    for title in ("LayerMoE", "MoE-LPR", "dense fine-tune"):
+        assert title in text
+    markdown = (compared["workdir"] / "compare.md").read_text()
+    assert sum(line.startswith("| ") for line in markdown.splitlines()) == 4  # header + three rows
+
+
+def test_parameter_counts(compared):
+    table = json.loads((compared["workdir"] / "compare.json").read_text())
+    rows = {row["variant"]: row for row in table["variants"]}
+    config = json.loads((compared["tiny"] / "config.json").read_text())
+    base = sum(t.numel() for t in load_file(str(compared["tiny"] / "model.safetensors")).values())
+    assert table["base"]["total_parameters"] == base
+    assert rows["dense"]["total_parameters"] == base and rows["dense"]["trainable_parameters"] == base
+    dense = json.loads(compared["dense_record"])
+    assert dense["trainable_parameters"] == base and dense["frozen_parameters"] == 0
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    per_expert = 3 * hidden * inter
+    for name in ("layermoe", "moe-lpr"):
+        allocation = compared["snapshot"][name].generations[1].allocation
+        routers = sum(hidden * n for n in allocation.experts_per_layer if n > 1)
+        classifiers = len(allocation.classifier_layers) * hidden * 2
+        added = rows[name]["new_experts"] * per_expert + routers + classifiers
+        assert rows[name]["total_parameters"] == base + added
+        assert rows[name]["trainable_parameters"] == rows[name]["new_experts"] * per_expert + routers + classifiers
+        stage1 = compared["snapshot"][name].generations[1].stage1
+        assert stage1.metrics["trainable_parameters"] == rows[name]["new_experts"] * per_expert + routers
+
+
+def test_dense_fine_tune_changed_every_tensor(compared):
+    before = load_file(str(compared["tiny"] / "model.safetensors"))
+    after = load_file(str(compared["workdir"] / "compare" / "dense" / "model" / "model.safetensors"))
+    assert set(before) == set(after)
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert unchanged == []
+
+
+def test_forgetting_and_gain_are_the_differences_of_the_figures(compared):
+    table = json.loads((compared["workdir"] / "compare.json").read_text())
+    base = table["base"]
+    old, new = table["old_languages"], table["new_languages"]
+    assert old == ["en"] and new == ["el", "hu"]
+    assert base["old_avg"] == pytest.approx(base["bpb"]["en"])
+    assert base["new_avg"] == pytest.approx((base["bpb"]["el"] + base["bpb"]["hu"]) / 2)
+    for row in table["variants"]:
+        bpb = row["bpb"]
+        assert row["old_avg"] == pytest.approx(bpb["en"])
+        assert row["new_avg"] == pytest.approx((bpb["el"] + bpb["hu"]) / 2)
+        assert row["forgetting"] == pytest.approx(row["old_avg"] - base["old_avg"])
+        assert row["gain"] == pytest.approx(base["new_avg"] - row["new_avg"])
+        cached = json.loads(compared["evals"][f"{row['variant']}.json"])
+        assert cached["bpb"] == bpb and cached["key"]["max_tokens"] == 100
+        assert f"{row['old_avg']:.4f}" in compared["first"].output
+    # the base figures were measured once, for all variants, on the same texts
+    assert sorted(compared["evals"]) == ["base.json", "dense.json", "layermoe.json", "moe-lpr.json"]
+
+
+def test_rerun_skips_finished_variants(compared):
+    second = compared["second"].output
+    for name in ("layermoe", "moe-lpr"):
+        before = compared["snapshot"][name].generations[1]
+        after = Workdir(compared["workdir"] / "compare" / name).load().generations[1]
+        for step in ("profile", "allocation", "expansion", "stage1", "stage2"):
+            assert after.step(step).started_at == before.step(step).started_at, (name, step)
+    assert second.count("stage 2 of G1 is done already") == 2
+    assert "dense fine-tune is done already" in second
+    assert (compared["workdir"] / "compare" / "dense" / "train.json").read_text() == compared["dense_record"]
+    for name, text in compared["evals"].items():
+        assert (compared["workdir"] / "compare" / "eval" / name).read_text() == text
+    assert second.count("is up to date") == 4
+    first_table = json.loads((compared["workdir"] / "compare.json").read_text())
+    assert [row["old_avg"] for row in first_table["variants"]] == [
+        json.loads(compared["evals"][f"{v}.json"])["bpb"]["en"] for v in ("layermoe", "moe-lpr", "dense")]
+
+
+def test_changed_share_is_refused_not_silently_reused(compared, tmp_path):
+    recipe = write_recipe(tmp_path / "other.yaml", compared["tiny"], compare="{layermoe_share: 0.5}")
+    result = layermoe(compared["workdir"], "run", str(recipe), code=2)
+    assert "was allocated with layerwise δ = 7, not layerwise δ = 8: delete that folder" in result.output
+
+
+def test_recipe_may_not_set_the_budget_itself(tmp_path):
+    tiny = make_tiny_model(tmp_path / "tiny", "llama", num_layers=2)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny, allocate="{budget: 5}")
+    result = layermoe(tmp_path / "run", "run", str(recipe), code=2)
+    assert "a compare recipe sets `allocate.budget` itself" in result.output
+    assert not (tmp_path / "run" / "compare").exists()
+
+
+def test_dense_model_refuses_stage_2(tmp_path):
+    from layermoe_cli.errors import LayermoeError
+    from layermoe_cli.training import TrainConfig, train_stage
+
+    tiny = make_tiny_model(tmp_path / "tiny", "llama", num_layers=2)
+    with pytest.raises(LayermoeError, match="is a dense model: it has no router, so only stage 1"):
+        train_stage(tiny, tmp_path / "out", {"el": ["abc"]}, {"en": 0, "el": 1}, 1, TrainConfig(stage=2), tmp_path / "w")
