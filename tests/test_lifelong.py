@@ -167,3 +167,15 @@ def test_report_shows_the_drift_at_extension(chain, tmp_path):
     drift = manifest.generations[2].expansion.metrics["bpb_drift"]
     for lang, value in drift.items():
         assert f"| {lang} |" in text and f"{value:+.4f}" in text
+
+
+def test_extend_again_is_a_noop_and_a_learned_language_is_refused(chain):
+    workdir, _ = chain
+    before = (workdir / "manifest.json").read_bytes()
+    again = runner.invoke(app, ["-w", str(workdir), "extend", "--new", "bn,hi", "--budget", "7"])
+    assert again.exit_code == 0
+    assert "G2 (bn, hi) is open already" in again.output
+    taken = runner.invoke(app, ["-w", str(workdir), "extend", "--new", "el,ta", "--budget", "7"])
+    assert taken.exit_code == 2
+    assert "el (G1) is already learned: a new generation needs new languages" in taken.stderr
+    assert (workdir / "manifest.json").read_bytes() == before

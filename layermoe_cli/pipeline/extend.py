@@ -16,7 +16,7 @@ from layermoe_cli.pipeline.allocate import allocate_generation
 from layermoe_cli.pipeline.common import documents_for_tokens, latest_checkpoint, load_checkpoint, resolve_device, texts_for, token_progress
 from layermoe_cli.pipeline.expand import expand_generation
 from layermoe_cli.pipeline.profile import profile_generation
-from layermoe_cli.workdir import Workdir, session
+from layermoe_cli.workdir import StepAlreadyDone, Workdir, session
 
 CLASSIFIER_MODES = ("generation", "binary")
 # How the router rows of the new experts start (see docs in README: "Extending").
@@ -43,8 +43,8 @@ def open_generation(manifest: Manifest, new: list[str]) -> Generation:
     if len(set(new)) != len(new):
         raise LayermoeError(f"--new lists a language twice: {', '.join(new)}")
     current = manifest.current
-    if current.new_languages == new and current.expansion.status != StepStatus.done and current.index >= 2:
-        return current  # resume the extension that stopped half-way
+    if current.new_languages == new and current.index >= 2:
+        return current  # the same extension again: resume it where it stopped, or find it done
     known = manifest.generation_of_language()
     taken = [lang for lang in new if lang in known]
     if taken:
@@ -69,16 +69,20 @@ def extend_generation(workdir: Workdir, manifest: Manifest, *, new, data=(), bud
     if budget is None and new_experts is None:
         raise LayermoeError("give --budget (δ, counting expert 0 of every layer) or --new-experts for the new generation")
     generation = open_generation(manifest, new)
+    if generation.expansion.status == StepStatus.done and "bpb_drift" in generation.expansion.metrics:
+        raise StepAlreadyDone(f"G{generation.index} ({', '.join(new)}) is open already: train it with "
+                              "`layermoe train --stage 1`")
     device = resolve_device(device)
-    profile_generation(workdir, manifest, generation, data=data, tokens=tokens, batch_tokens=batch_tokens, device=device,
-                       seed=seed)
+    if generation.profile.status != StepStatus.done:
+        profile_generation(workdir, manifest, generation, data=data, tokens=tokens, batch_tokens=batch_tokens,
+                           device=device, seed=seed)
     if generation.allocation.status != StepStatus.done:
         allocate_generation(workdir, manifest, generation, budget=budget, new_experts=new_experts, strategy=strategy,
                             classifier_layers=classifier_layers, seed=seed)
     if generation.expansion.status != StepStatus.done:
         expand_generation(workdir, manifest, generation, device=device, router_init=router_init, classifier=classifier)
-        measure_drift(workdir, manifest, generation, device, drift_tokens)
-        workdir.save(manifest)
+    measure_drift(workdir, manifest, generation, device, drift_tokens)
+    workdir.save(manifest)
     return generation
 
 

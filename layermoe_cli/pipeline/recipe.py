@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from layermoe_cli.console import console, err_console
 from layermoe_cli.errors import LayermoeError
-from layermoe_cli.manifest import Manifest, StepStatus
+from layermoe_cli.manifest import Manifest
 from layermoe_cli.workdir import StepAlreadyDone, Workdir, session
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -87,7 +87,6 @@ def _run(workdir: Workdir, recipe: Recipe) -> Manifest:
     from layermoe_cli.pipeline.allocate import allocate_generation
     from layermoe_cli.pipeline.evaluate import evaluate_generation
     from layermoe_cli.pipeline.expand import expand_generation
-    from layermoe_cli.pipeline.extend import extend_generation
     from layermoe_cli.pipeline.profile import new_manifest, profile_generation
     from layermoe_cli.pipeline.train import train_generation
     from layermoe_cli.training.config import load_train_config
@@ -103,17 +102,27 @@ def _run(workdir: Workdir, recipe: Recipe) -> Manifest:
             _skip_done(allocate_generation, workdir, manifest, generation, **spec.allocate)
             _skip_done(expand_generation, workdir, manifest, generation, device=recipe.device, **spec.expand)
         else:
-            if len(manifest.generations) > number and manifest.generations[number].expansion.status == StepStatus.done:
-                generation = manifest.generations[number]
-            else:
-                generation = extend_generation(workdir, manifest, new=spec.new, data=list(_data_args(spec)),
-                                               device=recipe.device, **spec.profile, **spec.allocate, **spec.expand)
+            generation = _extended(workdir, manifest, number, spec, recipe.device)
         for stage, options in ((1, spec.stage1), (2, spec.stage2)):
             if options is not None:
                 _skip_done(train_generation, workdir, manifest, generation, stage, load_train_config(None, stage=stage, **options))
         if spec.eval is not None:
             evaluate_generation(workdir, manifest, generation, device=recipe.device, **spec.eval)
     return manifest
+
+
+def _extended(workdir: Workdir, manifest: Manifest, number: int, spec: GenerationRecipe, device: str):
+    """G(number) of the lineage: opened now, resumed where an extension stopped, or found done."""
+    from layermoe_cli.pipeline.extend import extend_generation
+
+    if len(manifest.generations) > number + 1:  # a later generation exists: this one is long done
+        return manifest.generations[number]
+    try:
+        return extend_generation(workdir, manifest, new=spec.new, data=list(_data_args(spec)), device=device,
+                                 **spec.profile, **spec.allocate, **spec.expand)
+    except StepAlreadyDone as done:
+        err_console.print(f"[green]✓[/] {done}")
+        return manifest.generations[number]
 
 
 def _data_args(spec: GenerationRecipe):
