@@ -246,3 +246,23 @@ def test_train_before_expand_names_the_command(tmp_path, expanded):
     assert_one_line_error(result, "expansion of G1 is not done yet (pending): run `layermoe expand` first")
     result = layermoe(expanded, "train", "--stage", "2")
     assert_one_line_error(result, "stage 1 of G1 is not done yet (pending): run `layermoe train --stage 1` first")
+
+
+def test_expand_before_allocate_and_a_layer_count_mismatch(tmp_path, expanded):
+    workdir = tmp_path / "run"
+    shutil.copytree(expanded, workdir)
+    manifest = manifest_of(workdir)
+    manifest.generations[1].allocation.status = StepStatus.pending
+    Workdir(workdir).save(manifest)
+    before = snapshot(workdir)
+    result = layermoe(workdir, "expand", "--force")
+    assert_one_line_error(result, "G1 has no allocation yet: run `layermoe allocate --budget N` first, or pass --budget to `expand`")
+    assert snapshot(workdir) == before
+
+    manifest.generations[1].allocation.status = StepStatus.done
+    manifest.generations[1].allocation.experts_per_layer = [2, 2, 2]
+    Workdir(workdir).save(manifest)
+    before = snapshot(workdir)
+    result = layermoe(workdir, "expand", "--force")
+    assert_one_line_error(result, "the allocation has 3 layers but the model has 4")
+    assert snapshot(workdir) == before

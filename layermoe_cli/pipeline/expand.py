@@ -14,8 +14,12 @@ from layermoe_cli.manifest import Generation, Manifest, StepStatus
 from layermoe_cli.pipeline.common import load_generation_model, resolve_device, texts_for
 from layermoe_cli.workdir import Workdir, fsync_dir, run_step, session
 
-# Logits of the expanded model must equal the base model's this closely (fp32).
+# Logits of the expanded model must equal the base model's this closely (fp32). Copies of
+# expert 0 mixed with weights that sum to 1 only up to rounding leave ~1 ulp per layer, which
+# deep models with large logits can accumulate: above the tolerance we warn, above the bug
+# threshold (10x) we stop.
 PRESERVATION_TOLERANCE = 1e-4
+PRESERVATION_BUG = 1e-3
 CHECKPOINT_DIR = "expanded"
 
 
@@ -89,7 +93,7 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
     # Upcycling a dense model must reproduce it exactly. Extending a trained MoE need not: new
     # router rows that tie with expert 0 pull some earlier tokens onto the (expert-0-like) new
     # experts; `extend` measures that drift in bits per byte instead.
-    if generation.index == 1 and not diff <= PRESERVATION_TOLERANCE:
+    if generation.index == 1 and not diff <= PRESERVATION_BUG:
         raise RuntimeError(f"the expanded model does not reproduce its source (max |Δlogit| = {diff:.3g}): this is a bug")
 
     # Write next to the target, then rename: a crash never leaves a checkpoint that looks complete.
@@ -110,8 +114,11 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
     record.added_parameters = total - base.num_parameters if base.num_parameters else None
     record.outputs = {"checkpoint": record.checkpoint}
     console.print(_table(generation, record, base.num_parameters))
-    if generation.index == 1:
+    if generation.index == 1 and diff <= PRESERVATION_TOLERANCE:
         err_console.print(f"checked: max |Δlogit| against the base model = {diff:.2e} (≤ {PRESERVATION_TOLERANCE:g})")
+    elif generation.index == 1:
+        err_console.print(f"[yellow]note:[/] max |Δlogit| against the base model = {diff:.2e}, above {PRESERVATION_TOLERANCE:g} "
+                          "(float rounding accumulated over the layers; recorded in the manifest)", soft_wrap=True)
     else:
         err_console.print(f"max |Δlogit| against G{generation.index - 1}'s model = {diff:.2e} (router_init "
                           f"{router_init or 'expert0'}; the bits-per-byte drift follows)", soft_wrap=True)
