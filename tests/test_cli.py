@@ -51,10 +51,10 @@ def test_status_table_shows_lineage_and_parameters(tmp_path):
     _workdir_with_manifest(tmp_path)
     result = runner.invoke(app, ["-w", str(tmp_path), "status"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    assert "G1" in result.output and "en → el, hu" in result.output
+    assert "G1" in result.output and "en (base)" in result.output and "+ el, hu" in result.output
     assert "6 (3)" in result.output  # 6 experts in all, 3 new
-    assert "1.30M / 1.10M" in result.output
-    assert "0.30M (+30.0%)" in result.output
+    assert "1.3M / 1.1M" in result.output
+    assert "0.3M (+30%)" in result.output
 
 
 def test_status_without_manifest_is_one_line_exit_2(tmp_path):

@@ -20,7 +20,9 @@ _SHORT = {"profile": "prof", "allocation": "alloc", "expansion": "exp", "stage1"
 
 
 def _millions(n: int | None) -> str:
-    return "—" if n is None else f"{n / 1e6:,.2f}M"
+    if n is None:
+        return "—"
+    return f"{n / 1e6:,.0f}M" if n >= 1e8 else f"{n / 1e6:,.1f}M"
 
 
 def show_status(workdir: Workdir, as_json: bool = False) -> None:
@@ -37,16 +39,15 @@ def lineage_table(manifest: Manifest) -> Table:
     if base and base.num_parameters:
         title += f" ({_millions(base.num_parameters)} parameters, {base.num_layers} layers)"
     table = Table(title=title, title_justify="left")
-    table.add_column("gen")
-    table.add_column("languages")
-    for name in STEP_NAMES:
-        table.add_column(_SHORT[name], justify="center")
-    table.add_column("experts\n(new)", justify="right")
-    table.add_column("params\ntotal / active", justify="right")
-    table.add_column("added", justify="right")
+    table.add_column("gen", no_wrap=True)
+    table.add_column("languages", no_wrap=True)
+    table.add_column("steps", no_wrap=True)
+    table.add_column("experts\n(new)", justify="right", no_wrap=True)
+    table.add_column("params\ntotal / active", justify="right", no_wrap=True)
+    table.add_column("added", justify="right", no_wrap=True)
     for generation in manifest.generations:
         if generation.index == 0:
-            table.add_row("G0", ", ".join(generation.new_languages) + " (base)", *["" for _ in STEP_NAMES], "", "", "")
+            table.add_row("G0", ", ".join(generation.new_languages) + " (base)", "", "", "", "")
             continue
         alloc, exp = generation.allocation, generation.expansion
         experts = "—"
@@ -57,14 +58,15 @@ def lineage_table(manifest: Manifest) -> Table:
             params = f"{_millions(exp.total_parameters)} / {_millions(exp.active_parameters)}"
         added = "—"
         if exp.added_parameters is not None and base and base.num_parameters:
-            added = f"{_millions(exp.added_parameters)} (+{100 * exp.added_parameters / base.num_parameters:.1f}%)"
+            added = f"{_millions(exp.added_parameters)} (+{100 * exp.added_parameters / base.num_parameters:.0f}%)"
         table.add_row(
             f"G{generation.index}",
-            f"{', '.join(generation.old_languages)} → {', '.join(generation.new_languages)}",
-            *[_STYLE[generation.step(name).status] for name in STEP_NAMES],
+            "+ " + ", ".join(generation.new_languages),  # old = every earlier row
+            "".join(_STYLE[generation.step(name).status] for name in STEP_NAMES),
             experts,
             params,
             added,
         )
-    table.caption = "✓ done  … running  ✗ failed  · pending"
+    table.caption = ("steps: " + " ".join(_SHORT[name] for name in STEP_NAMES)
+                     + " — ✓ done  … running  ✗ failed  · pending")
     return table
