@@ -48,6 +48,14 @@ def base_language(code: str) -> str:
     return langcodes.Language.get(validate_language(code)).language
 
 
+def validate_language_group(codes: list[str], option: str) -> list[str]:
+    """Validate and normalise the languages given to one option; a language listed twice is an error."""
+    codes = [validate_language(code) for code in codes]
+    if len(set(codes)) != len(codes):
+        raise LayermoeError(f"{option} lists a language twice: {', '.join(codes)}")
+    return codes
+
+
 def parse_language_list(text: str) -> list[str]:
     """Parse `"en,zh,es"` into validated, normalised codes; empty items or duplicates are errors."""
     items = [item.strip() for item in text.split(",")]

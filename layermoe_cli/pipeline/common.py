@@ -80,17 +80,6 @@ def latest_checkpoint(generation: Generation) -> str | None:
     return None
 
 
-def model_source_for(workdir: Workdir, manifest: Manifest, generation: Generation) -> tuple[str, str]:
-    """What a step of `generation` starts from: ("base", spec) for G1, else ("layermoe", path)."""
-    if generation.index <= 1:
-        return "base", ""
-    previous = manifest.generations[generation.index - 1]
-    checkpoint = latest_checkpoint(previous)
-    if checkpoint is None:
-        raise LayermoeError(f"G{previous.index} has no model yet: run `layermoe expand` (and train) for it first")
-    return "layermoe", str(workdir.resolve(checkpoint))
-
-
 def load_base(workdir: Workdir, manifest: Manifest, device: str = "cpu", dtype=None):
     """Load the base model recorded in the manifest (paths are relative to the work dir)."""
     import torch
@@ -113,10 +102,13 @@ def load_base(workdir: Workdir, manifest: Manifest, device: str = "cpu", dtype=N
 
 def load_generation_model(workdir: Workdir, manifest: Manifest, generation: Generation, device: str, dtype=None):
     """The model a step of `generation` reads: the base model for G1, the previous generation's for later ones."""
-    kind, path = model_source_for(workdir, manifest, generation)
-    if kind == "base":
+    if generation.index <= 1:
         return load_base(workdir, manifest, device=device, dtype=dtype)
-    return load_checkpoint(path, device=device, dtype=dtype)
+    previous = manifest.generations[generation.index - 1]
+    checkpoint = latest_checkpoint(previous)
+    if checkpoint is None:
+        raise LayermoeError(f"G{previous.index} has no model yet: run `layermoe expand` (and train) for it first")
+    return load_checkpoint(workdir.resolve(checkpoint), device=device, dtype=dtype)
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu", dtype=None):

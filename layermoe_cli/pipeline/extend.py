@@ -35,13 +35,11 @@ def run_extend(workdir: Workdir, *, new, data=(), budget=None, new_experts=None,
 
 def open_generation(manifest: Manifest, new: list[str]) -> Generation:
     """Append G(n+1) to the manifest, or return it when an interrupted `extend` already opened it."""
-    from layermoe_cli.languages import validate_language
+    from layermoe_cli.languages import validate_language_group
 
-    new = [validate_language(code) for code in new]
+    new = validate_language_group(new, "--new")
     if not new:
         raise LayermoeError("--new needs at least one language, e.g. --new bn,hi,ne")
-    if len(set(new)) != len(new):
-        raise LayermoeError(f"--new lists a language twice: {', '.join(new)}")
     current = manifest.current
     if current.new_languages == new and current.index >= 2:
         return current  # the same extension again: resume it where it stopped, or find it done

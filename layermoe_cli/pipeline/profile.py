@@ -46,15 +46,15 @@ def describe_data(workdir: Workdir, languages: list[str], data_args: list[str], 
 
 def new_manifest(workdir: Workdir, model: str | None, old: list[str], new: list[str]) -> Manifest:
     """The manifest of a fresh work dir: G0 = the base model's languages, G1 = the first new group."""
-    from layermoe_cli.languages import validate_language
+    from layermoe_cli.languages import validate_language_group
     from layermoe_cli.models import check_supported, resolve_model_spec, weights_sha256
 
     if not model:
         raise LayermoeError("a new work dir needs --model (a local dir, a hub id, a .gguf file, or `demo`)")
     if not old or not new:
         raise LayermoeError("a new work dir needs --old and --new, e.g. --old en,zh,es --new el,hu,tr")
-    old = [validate_language(code) for code in old]
-    new = [validate_language(code) for code in new]
+    old = validate_language_group(old, "--old")
+    new = validate_language_group(new, "--new")
     _check_disjoint(old, new)
     source = resolve_model_spec(model)
     check_supported({"model_type": peek_model_type(source)} if source.kind != "hub" else {"model_type": "llama"})
@@ -103,9 +103,6 @@ def record_base_shape(manifest: Manifest, model) -> None:
 
 
 def _check_disjoint(old: list[str], new: list[str]) -> None:
-    for group, name in ((old, "--old"), (new, "--new")):
-        if len(set(group)) != len(group):
-            raise LayermoeError(f"{name} lists a language twice: {', '.join(group)}")
     both = sorted(set(old) & set(new))
     if both:
         raise LayermoeError(f"{', '.join(both)} is both old and new: a language belongs to one generation")

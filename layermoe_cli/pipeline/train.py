@@ -13,7 +13,7 @@ from layermoe_cli.console import err_console
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import Generation, Manifest, StepStatus
 from layermoe_cli.pipeline.common import texts_for
-from layermoe_cli.workdir import StepAlreadyDone, Workdir, require_done, run_step, session
+from layermoe_cli.workdir import Workdir, require_done, run_step, session
 
 
 def _rank() -> int:
@@ -42,17 +42,15 @@ def train_generation(workdir: Workdir, manifest: Manifest, generation: Generatio
     else:
         require_done(generation.stage1, f"stage 1 of G{generation.index}", "layermoe train --stage 1")
     record = generation.step(f"stage{stage}")
-    if record.status == StepStatus.done and not force:
-        raise StepAlreadyDone(f"stage {stage} of G{generation.index} is done already (use --force to redo it)")
-    if force:
-        _clear_checkpoints(workdir, generation, stage)
 
     def stale(previous):
         err_console.print(f"stage {stage} of G{generation.index} was left running by pid {previous.pid} on {previous.host}: "
                           "resuming from its last checkpoint")
 
     label = f"stage {stage} of G{generation.index}"
-    with run_step(workdir, manifest, record, label, config.model_dump(mode="json"), force=True, on_stale=stale) as rec:
+    with run_step(workdir, manifest, record, label, config.model_dump(mode="json"), force=force, on_stale=stale) as rec:
+        if force:  # redo from scratch; without --force a stale run resumes from its checkpoints
+            _clear_checkpoints(workdir, generation, stage)
         result = _train(workdir, manifest, generation, stage, config)
         rec.checkpoint = workdir.rel(_output_dir(workdir, generation, stage))
         rec.steps, rec.tokens_seen = result.steps, result.tokens_seen
