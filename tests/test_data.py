@@ -138,12 +138,11 @@ def test_streaming_gives_the_same_documents(tmp_path):
     assert eager == streamed == [f"doc {i}" for i in range(50)]
 
 
-def test_datasets_cache_goes_to_the_given_dir(tmp_path):
+def test_reading_writes_no_copy_of_the_text(tmp_path):
     f = _write(tmp_path / "a.txt", "one\ntwo\n")
     cache = tmp_path / "cache"
-    assert not cache.exists()
-    load_texts("el", str(f), cache_dir=cache)
-    assert list(cache.rglob("*.arrow")), "the Arrow cache should be written under cache_dir"
+    assert load_texts("el", str(f), cache_dir=cache) == ["one", "two"]
+    assert not cache.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -186,9 +185,9 @@ def test_non_utf8_names_the_offset(tmp_path):
 
 
 def test_non_utf8_across_chunk_boundary(tmp_path, monkeypatch):
-    import layermoe_cli.data as data
+    import layermoe_cli.data.sources as sources
 
-    monkeypatch.setattr(data, "_CHUNK", 3)  # 'α' (2 bytes) straddles the chunk boundary at 3
+    monkeypatch.setattr(sources, "_CHUNK", 3)  # 'α' (2 bytes) straddles the chunk boundary at 3 of the checksum scan
     f = _write(tmp_path / "x.txt", "aα".encode() + b"b\xffc")
     assert _error("el", str(f)) == (
         f"data for 'el': {f} is not valid UTF-8 (first bad byte at offset 4): re-encode it as UTF-8"
@@ -202,10 +201,35 @@ def test_json_without_text_field(tmp_path):
     )
 
 
-def test_malformed_json(tmp_path):
+def test_malformed_json_names_file_and_line(tmp_path):
     f = _write(tmp_path / "a.jsonl", '{"text": "ok"}\n{not json\n')
-    message = _error("el", str(f), cache_dir=tmp_path / "c")
-    assert message.startswith(f"data for 'el': could not read {f}: ")
+    assert _error("el", str(f), cache_dir=tmp_path / "c") == (
+        f"data for 'el': {f} line 2 is not valid JSON (Expecting property name enclosed in double quotes at column 2): "
+        "fix or remove that line"
+    )
+    # line numbers count across the reader's chunks, blank lines included
+    from layermoe_cli.data.sources import Source, iter_documents
+
+    g = _write(tmp_path / "b.jsonl", "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(300)) + "\n[1, 2]\n")
+    with pytest.raises(LayermoeError) as err:
+        list(iter_documents(Source("el", str(g)), chunk_bytes=64))
+    assert str(err.value) == f"data for 'el': {g} line 302 is a JSON list, not an object: write one JSON object per line"
+
+
+def test_unreadable_file_in_a_directory_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "d"
+    d.mkdir()
+    _write(d / "a.txt", "fine\n")
+    (d / "b.txt").symlink_to(tmp_path / "gone.txt")
+    assert _error("el", str(d)) == f"data for 'el': cannot read {d / 'b.txt'} in {d}: it is a link to a missing file"
+    (d / "b.txt").unlink()
+    pq.write_table(pa.table({"text": ["x"]}), d / "c.parquet")
+    (d / "c.parquet").write_bytes((d / "c.parquet").read_bytes()[:-20])  # cut: not a parquet file any more
+    message = _error("el", str(d))
+    assert message.startswith(f"data for 'el': could not read {d / 'c.parquet'}: ") and "Parquet" in message
 
 
 def test_unknown_extension(tmp_path):

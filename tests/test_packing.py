@@ -1,89 +1,184 @@
-"""Training data: document choice, packing with aligned per-token labels, caching, order."""
+"""Prepared data and packing against a simple reference: same documents, blocks and labels."""
+
+import hashlib
+import json
 
 import numpy as np
 import pytest
 
+from layermoe_cli.data import PackedData, Selection, Source, block_indices, builtin_corpus_path, load_texts, prepare
+from layermoe_cli.data.tokenize import id_dtype
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.testing import make_tiny_tokenizer
-from layermoe_cli.training.config import TrainConfig
-from layermoe_cli.training.losses import IGNORE
-from layermoe_cli.training.packing import block_indices, build_packed_data, pack_blocks, select_documents
+
+IGNORE = -100
+GENS = {"en": 0, "el": 1, "hu": 1}
 
 
-def test_pack_blocks_keeps_labels_aligned_and_pads_the_last_block():
-    docs = [([10, 11, 12], 0, 0), ([20, 21, 22, 23, 24], 1, 1), ([30], 0, 2), ([40, 41], 1, 1)]
-    blocks = list(pack_blocks(docs, seq_len=4, pad_id=99))
-    # Slow reference: one token at a time.
-    stream = [(t, g, l) for ids, g, l in docs for t in ids]
-    assert len(blocks) == 3  # 11 tokens -> 2 full blocks + 1 padded
-    for b, (ids, gens, langs) in enumerate(blocks):
-        for j in range(4):
-            i = b * 4 + j
-            if i < len(stream):
-                assert (ids[j], gens[j], langs[j]) == stream[i]
-            else:
-                assert (ids[j], gens[j], langs[j]) == (99, IGNORE, -1)
+def _corpus_lines(code):
+    with open(builtin_corpus_path(), encoding="utf-8") as f:
+        return [line.rstrip("\n").split("\t", 1)[1] for line in f if line.startswith(code + "\t")]
 
 
-def test_pack_blocks_exact_multiple_has_no_padding_block():
-    blocks = list(pack_blocks([([1, 2], 0, 0), ([3, 4], 1, 1)], seq_len=2, pad_id=0))
-    assert [b[0].tolist() for b in blocks] == [[1, 2], [3, 4]]
-    assert [b[1].tolist() for b in blocks] == [[0, 0], [1, 1]]
+@pytest.fixture(scope="module")
+def tok():
+    return make_tiny_tokenizer()
 
 
-def _texts(n, lang):
-    return [f"{lang} document number {i} " + "word " * (i % 5) for i in range(n)]
+@pytest.fixture()
+def files(tmp_path):
+    """el as .txt (with blank and \\r\\n lines), hu as .jsonl (with blank lines), en from builtin."""
+    el = tmp_path / "el.txt"
+    el.write_bytes(("\n\n".join(_corpus_lines("el")[:300]) + "\r\nlast line without newline").encode())
+    hu = tmp_path / "hu.jsonl"
+    hu.write_text("".join(json.dumps({"text": t, "id": i}) + ("\n\n" if i % 7 == 0 else "\n")
+                          for i, t in enumerate(_corpus_lines("hu")[:300])), encoding="utf-8")
+    return {"el": Source("el", str(el)), "hu": Source("hu", str(hu)), "en": Source("en", "builtin")}
 
 
-def test_select_documents_stage1_new_only_and_stage2_replay_half():
-    texts = {"en": _texts(40, "en"), "es": _texts(40, "es"), "el": _texts(30, "el"), "hu": _texts(10, "hu")}
-    gens = {"en": 0, "es": 0, "el": 1, "hu": 1}
-    s1 = select_documents(texts, gens, 1, TrainConfig(stage=1))
-    assert sorted(s1) == ["el", "hu"] and len(s1["el"]) == 30 and len(s1["hu"]) == 10
-    s2 = select_documents(texts, gens, 1, TrainConfig(stage=2, docs_per_new_language=20))
-    assert len(s2["el"]) == 20 and len(s2["hu"]) == 10
-    assert len(s2["en"]) == 8 and len(s2["es"]) == 8  # 0.5 x mean(20, 10) = 7.5 -> 8
-    assert set(s2["en"]) <= set(texts["en"])
-    again = select_documents(texts, gens, 1, TrainConfig(stage=2, docs_per_new_language=20))
-    assert again == s2  # deterministic for a seed
-    explicit = select_documents(texts, gens, 1, TrainConfig(stage=2, docs_per_old_language=3))
-    assert len(explicit["en"]) == 3
+# ---------------------------------------------------------------- the slow, obvious reference
 
 
-def test_select_documents_rejects_bad_generations():
+def reference_ids(tok, texts):
+    out = []
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        if not ids or ids[-1] != tok.eos_token_id:
+            ids = ids + [tok.eos_token_id]
+        out.append(ids)
+    return out
+
+
+def reference_choice(documents, language, seed, buffer_size, max_docs=None, max_tokens=None):
+    """The documented shuffle buffer, one document at a time, on plain lists."""
+    digest = int.from_bytes(hashlib.sha256(language.encode()).digest()[:8], "little")
+    rng = np.random.default_rng([seed, digest])
+    buffer, out = [], []
+
+    def full():
+        return (max_docs is not None and len(out) >= max_docs) or (max_tokens is not None and sum(map(len, out)) >= max_tokens)
+
+    for document in documents:
+        if len(buffer) < buffer_size:
+            buffer.append(document)
+            continue
+        slot = int(rng.integers(buffer_size))
+        out.append(buffer[slot])
+        buffer[slot] = document
+        if full():
+            return out
+    for slot in rng.permutation(len(buffer)):
+        out.append(buffer[slot])
+        if full():
+            return out
+    return out
+
+
+def reference_blocks(documents_by_language, seq_len, pad_id, seed):
+    """Documents language by language, shuffled by default_rng(seed), one stream, cut into blocks."""
+    docs = [(ids, li, GENS[lang]) for li, (lang, docs) in enumerate(documents_by_language.items()) for ids in docs]
+    stream = []
+    for k in np.random.default_rng(seed).permutation(len(docs)):
+        ids, li, gen = docs[k]
+        stream += [(t, gen, li) for t in ids]
+    blocks = []
+    for start in range(0, len(stream), seq_len):
+        piece = stream[start:start + seq_len]
+        piece += [(pad_id, IGNORE, -1)] * (seq_len - len(piece))
+        blocks.append(piece)
+    return np.array(blocks, dtype=np.int64)  # [B, L, 3]
+
+
+def as_triples(data: PackedData) -> np.ndarray:
+    arrays = data.arrays(range(len(data)))
+    return np.stack([arrays["input_ids"], arrays["generation"], arrays["language"]], axis=-1)
+
+
+# ---------------------------------------------------------------- equality
+
+
+def test_stage1_every_document_equals_the_reference(tmp_path, tok, files):
+    prepared = prepare(files, GENS, 1, Selection(stage=1, seed=7), tok, tmp_path / "prep", num_proc=2, chunk_bytes=512,
+                       show_progress=False)
+    expected = {lang: reference_ids(tok, load_texts(lang, files[lang].spec, "train")) for lang in ("el", "hu")}
+    assert prepared.languages == ["el", "hu"]
+    assert prepared.documents_per_language == {lang: len(docs) for lang, docs in expected.items()}
+    assert len(expected["el"]) > 250 and len(expected["hu"]) > 250  # 5% held out, blank lines skipped
+    for seq_len in (16, 7):  # one prepared directory serves any block length
+        data = PackedData(prepared, seq_len, pad_id=1)
+        assert np.array_equal(as_triples(data), reference_blocks(expected, seq_len, 1, seed=7))
+        batch = data.batch([len(data) - 1, 0])
+        assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+        assert data.real_tokens([len(data) - 1, 0]).tolist() == batch["attention_mask"].sum(1).tolist()
+
+
+def test_stage2_budgets_choose_what_the_reference_chooses_and_stop_reading(tmp_path, tok, files):
+    selection = Selection(stage=2, seed=3, docs_per_new_language=40, tokens_per_old_language=700, shuffle_buffer=16)
+    prepared = prepare(files, GENS, 1, selection, tok, tmp_path / "prep", num_proc=1, chunk_bytes=256, show_progress=False)
+    expected = {}
+    for lang in ("el", "hu"):
+        train = reference_ids(tok, load_texts(lang, files[lang].spec, "train"))
+        expected[lang] = reference_choice(train, lang, 3, 16, max_docs=40)
+    expected["en"] = reference_choice(reference_ids(tok, load_texts("en", "builtin", "train")), "en", 3, 16, max_tokens=700)
+    assert prepared.languages == ["el", "hu", "en"]  # new languages first: the replay depends on them
+    assert [len(expected[lang]) for lang in prepared.languages] == [40, 40, len(expected["en"])]
+    assert np.array_equal(as_triples(PackedData(prepared, 32, pad_id=1)), reference_blocks(expected, 32, 1, seed=3))
+    # the budget stopped the reading: about (40 + 16) / 0.95 documents and a chunk, of 300 in each file
+    stats = {s["language"]: s for s in prepared.meta["stats"]}
+    for lang in ("el", "hu"):
+        assert stats[lang]["budget_met"] and not stats[lang]["read_to_end"]
+        assert stats[lang]["documents_read"] < 80, stats[lang]
+        assert stats[lang]["bytes_read"] < 0.3 * stats[lang]["source_bytes"]
+
+
+def test_a_budget_is_deterministic_for_a_seed(tmp_path, tok, files):
+    def chosen(seed, root):
+        prepared = prepare({"el": files["el"]}, GENS, 1, Selection(stage=1, seed=seed, tokens_per_language=2000,
+                                                                   shuffle_buffer=32), tok, root, num_proc=1,
+                           show_progress=False)
+        return prepared.tokens.tobytes()
+
+    first = chosen(5, tmp_path / "a")
+    assert chosen(5, tmp_path / "b") == first
+    assert chosen(6, tmp_path / "c") != first
+
+
+# ---------------------------------------------------------------- storage
+
+
+def test_ids_are_uint16_up_to_65536_entries_and_uint32_above(tmp_path, tok):
+    class Sized:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    assert id_dtype(Sized(65_536)) == np.uint16 and id_dtype(Sized(65_537)) == np.uint32
+    prepared = prepare({"el": Source("el", texts=["καλημέρα"])}, GENS, 1, Selection(stage=1), tok, tmp_path / "a",
+                       num_proc=1, show_progress=False)
+    assert prepared.meta["dtype"] == "uint16" and prepared.tokens.dtype == np.uint16
+    big = make_tiny_tokenizer()
+    big.add_tokens([f"<x{i}>" for i in range(65_100)])
+    prepared = prepare({"el": Source("el", texts=["a <x65099> b"])}, GENS, 1, Selection(stage=1), big, tmp_path / "b",
+                       num_proc=1, show_progress=False)
+    assert prepared.meta["dtype"] == "uint32"
+    assert prepared.tokens.tolist() == reference_ids(big, ["a <x65099> b"])[0]
+    assert max(prepared.tokens.tolist()) >= 65_536
+    # the cache: the ids plus 8 bytes per document (length, packing order), nothing per token
+    size = sum(f.stat().st_size for f in prepared.path.iterdir() if f.name != "meta.json")
+    assert (prepared.path / "tokens.bin").stat().st_size == 4 * prepared.num_tokens
+    assert size <= 4 * prepared.num_tokens + 8 + 2 * 128  # two .npy headers
+
+
+def test_unknown_or_too_new_generations_are_refused(tmp_path, tok):
     with pytest.raises(LayermoeError, match=r"^no generation given for language\(s\) xx; add them to generation_of_language$"):
-        select_documents({"xx": ["a"]}, {}, 1, TrainConfig(stage=1))
+        prepare({"xx": Source("xx", texts=["a"])}, {}, 1, Selection(stage=1), tok, tmp_path)
     with pytest.raises(LayermoeError, match=r"belong to a generation after the current one \(1\)"):
-        select_documents({"bn": ["a"], "el": ["b"]}, {"bn": 2, "el": 1}, 1, TrainConfig(stage=1))
+        prepare({"bn": Source("bn", texts=["a"]), "el": Source("el", texts=["b"])}, {"bn": 2, "el": 1}, 1,
+                Selection(stage=1), tok, tmp_path)
     with pytest.raises(LayermoeError, match=r"^no training text for any language of generation 1"):
-        select_documents({"en": ["a"]}, {"en": 0}, 1, TrainConfig(stage=2))
-
-
-def test_build_packed_data_labels_match_each_documents_language(tmp_path):
-    tok = make_tiny_tokenizer()
-    docs = {"en": ["the cat sat on the mat", "hello world"], "el": ["γειά σου κόσμε", "καλημέρα"]}
-    data = build_packed_data(docs, {"en": 0, "el": 1}, tok, seq_len=8, seed=3, cache_dir=tmp_path)
-    batch = data.batch(range(len(data)))
-    ids, gen, lang = (batch[k].reshape(-1).tolist() for k in ("input_ids", "generation", "language"))
-    # Re-split the stream at EOS and check every document came through whole with its labels.
-    eos = tok.eos_token_id
-    found = {}
-    start = 0
-    for i, t in enumerate(ids):
-        if t == eos and lang[i] >= 0:
-            seg = slice(start, i)
-            code = data.languages[lang[i]]
-            assert set(lang[seg]) == {lang[i]} and set(gen[seg]) == {data.generation_of_language[code]}
-            found.setdefault(code, []).append(tok.decode(ids[seg]))
-            start = i + 1
-    assert sorted(found["en"]) == sorted(docs["en"]) and sorted(found["el"]) == sorted(docs["el"])
-    mask = batch["attention_mask"].reshape(-1)
-    assert (batch["labels"].reshape(-1)[mask == 0] == IGNORE).all()
-    assert int(mask.sum()) == sum(data.tokens_per_language.values())
-    # second build hits the cache and gives the same blocks
-    again = build_packed_data(docs, {"en": 0, "el": 1}, tok, seq_len=8, seed=3, cache_dir=tmp_path)
-    assert again.batch(range(len(again)))["input_ids"].equal(batch["input_ids"])
-    assert len(list(tmp_path.glob("packed-*.arrow"))) == 1
+        prepare({"en": Source("en", texts=["a"])}, {"en": 0}, 1, Selection(stage=2), tok, tmp_path)
 
 
 def test_block_indices_visit_every_block_once_per_epoch_and_resume_exactly():

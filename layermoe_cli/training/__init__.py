@@ -11,14 +11,13 @@ from layermoe_cli.training.losses import (
     lpr_over_layers,
 )
 from layermoe_cli.training.loop import TrainResult, freeze_for_stage, train_stage, trainable_groups
-from layermoe_cli.training.packing import PackedData, build_packed_data, pack_blocks, select_documents
+from layermoe_cli.data.packing import PackedData  # the data package owns packing; kept here for old imports
 
 __all__ = [
     "FrozenWeightsChanged",
     "PackedData",
     "TrainConfig",
     "TrainResult",
-    "build_packed_data",
     "classifier_loss",
     "classifier_over_layers",
     "freeze_for_stage",
@@ -28,8 +27,6 @@ __all__ = [
     "load_train_config",
     "lpr_loss",
     "lpr_over_layers",
-    "pack_blocks",
-    "select_documents",
     "train_stage",
     "trainable_groups",
     "verify_frozen",

@@ -47,9 +47,14 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
     gradient_checkpointing: bool = False
-    # Data mix. None = every document. In stage 2 the default is the authors' 100k per new
-    # language; old languages get replay_ratio x the mean new-language document count.
+    # Data mix (layermoe_cli.data.prepare; these fields are its `Selection`). None = every
+    # document. A budget stops the reading once met (documents chosen through a seeded shuffle
+    # buffer). In stage 2 the default is the authors' 100k documents per new language; old
+    # languages get docs_per_old_language, else tokens_per_old_language, else replay_ratio x
+    # the mean new-language document count.
+    tokens_per_language: int | None = Field(None, gt=0)  # new languages
     docs_per_new_language: int | None = Field(None, gt=0)
+    tokens_per_old_language: int | None = Field(None, gt=0)
     docs_per_old_language: int | None = Field(None, gt=0)
     replay_ratio: float = Field(STAGE2_REPLAY_RATIO, ge=0)
 

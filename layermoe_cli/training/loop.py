@@ -30,7 +30,7 @@ from layermoe_cli.errors import LayermoeError
 from layermoe_cli.training import checkpoint as ckpt
 from layermoe_cli.training.config import TrainConfig
 from layermoe_cli.training.losses import classifier_over_layers, load_balancing_over_layers, lpr_over_layers
-from layermoe_cli.training.packing import PackedData, block_indices, build_packed_data, select_documents
+from layermoe_cli.data import PackedData, Selection, Source, block_indices, open_prepared, prepare_or_wait
 
 
 @dataclass
@@ -194,13 +194,22 @@ def _trainable_digest(named: Sequence[tuple[str, torch.Tensor]]) -> str:
 
 
 class _Reporter:
-    """JSONL log + optional TensorBoard + optional Rich progress, on the main process only."""
+    """JSONL log + optional TensorBoard + optional progress, on the main process only.
+
+    Progress: a Rich bar on a terminal; otherwise (SLURM, CI, a log file) a plain line every
+    ~30 s and at the last step, since Rich would print its bar only once, at the end."""
 
     def __init__(self, log_path: Path, tb_dir: Path, total_steps: int, start_step: int, show_progress: bool, enabled: bool):
+        from layermoe_cli.console import err_console
+        from layermoe_cli.progress import Throttle
+
         self.enabled = enabled
         self.file = None
         self.tb = None
         self.progress = None
+        self.throttle = None
+        self.total_steps, self.last = total_steps, None
+        self.console = err_console
         if not enabled:
             return
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,11 +220,14 @@ class _Reporter:
             self.tb = SummaryWriter(str(tb_dir))
         except Exception:  # tensorboard is optional
             self.tb = None
-        if show_progress:
+        if show_progress and not err_console.is_terminal:
+            self.throttle = Throttle()
+        elif show_progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(
-                TextColumn("stage training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeRemainingColumn()
+                TextColumn("stage training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                TimeRemainingColumn(), console=err_console,
             )
             self.progress.start()
             self.task = self.progress.add_task("", total=total_steps, completed=start_step)
@@ -228,6 +240,14 @@ class _Reporter:
             if record:
                 desc = f"loss {record['loss']:.4f}  {record['tokens_per_s']:.0f} tok/s"
             self.progress.update(self.task, completed=step, **({"description": desc} if desc else {}))
+        self.last = record or self.last
+        if self.throttle is not None and (self.throttle.due() or step == self.total_steps):
+            line = f"stage training: step {step:,}/{self.total_steps:,}"
+            if self.last:
+                line += (f", loss {self.last['loss']:.4f} (step {self.last['step']:,}), "
+                         f"{self.last['tokens_per_s']:,.0f} tok/s, {self.last['elapsed_s']:,.0f} s elapsed, "
+                         f"about {self.last['eta_s']:,.0f} s to go")
+            self.console.print(line, highlight=False, soft_wrap=True)
         if record is None:
             return
         self.file.write(json.dumps(record) + "\n")
@@ -252,12 +272,13 @@ class _Reporter:
 def train_stage(
     model_dir: Path,
     output_dir: Path,
-    texts_by_language: Mapping[str, Sequence[str]],
+    texts_by_language: Mapping[str, Sequence[str]] | None,
     generation_of_language: Mapping[str, int],
     current_generation: int,
     config: TrainConfig,
     work_dir: Path,
     *,
+    prepared_dir: Path | None = None,
     log_path: Path | None = None,
     on_step: Callable[[dict], None] | None = None,
     show_progress: bool = False,
@@ -267,8 +288,11 @@ def train_stage(
 
     model_dir: the expanded checkpoint (stage 1) or the stage-1 output (stage 2); a plain HF
     causal LM here means a dense full fine-tune (stage 1 only, all weights, next-token loss).
-    texts_by_language: training-side documents per language (held-out data already removed).
-    work_dir: holds `checkpoints/`, `cache/` (tokenised data) and, by default, `train_log.jsonl`.
+    prepared_dir: the stage's data from `layermoe_cli.data.prepare` (`layermoe prepare`); or
+    texts_by_language: training-side documents per language (held-out data already removed),
+    prepared here into `work_dir/cache/prepared/` first (by the first process of each machine;
+    the others wait for it on disk).
+    work_dir: holds `checkpoints/`, `cache/` and, by default, `train_log.jsonl`.
     Calling again with the same arguments after a crash resumes from the last complete
     checkpoint. on_step(record) runs on the main process after every optimizer step.
     """
@@ -280,8 +304,26 @@ def train_stage(
     model_dir, output_dir, work_dir = Path(model_dir), Path(output_dir), Path(work_dir)
     if current_generation < 1:
         raise LayermoeError(f"current_generation={current_generation}; the first expansion is generation 1")
-    ckpt_root, cache_dir = work_dir / "checkpoints", work_dir / "cache"
+    ckpt_root = work_dir / "checkpoints"
     log_path = Path(log_path) if log_path is not None else work_dir / "train_log.jsonl"
+
+    # ---- data: prepared before any process group exists, so no collective call waits on it;
+    # every rank then only memory-maps it.
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if prepared_dir is not None:
+        prepared = open_prepared(prepared_dir)
+    elif texts_by_language is not None:
+        sources = {lang: Source(lang, texts=texts) for lang, texts in texts_by_language.items()}
+        prepared = prepare_or_wait(sources, generation_of_language, current_generation, Selection.of(config), tokenizer,
+                                   work_dir / "cache" / "prepared", show_progress=show_progress)
+    else:
+        raise LayermoeError("train_stage needs prepared_dir or texts_by_language")
+    if prepared.meta["stage"] != config.stage or prepared.meta["current_generation"] != current_generation:
+        raise LayermoeError(f"{prepared.path} holds stage {prepared.meta['stage']} data of generation "
+                            f"{prepared.meta['current_generation']}, not stage {config.stage} of generation {current_generation}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = PackedData(prepared, config.seq_len, pad_id)
+
     accelerator = accelerator or make_accelerator(config)
     main = accelerator.is_main_process
     set_seed(config.seed)
@@ -297,7 +339,6 @@ def train_stage(
         )
     if not dense and not model.config.moe_layers:
         raise LayermoeError(f"the model in {model_dir} has no MoE layer; nothing to train")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     storage_dtype = next(iter(model.parameters())).dtype
     # Weights live in fp32 (exact for bf16/fp16 checkpoints); bf16/fp16 is autocast compute,
     # so the optimizer never rounds a 5e-5 update away. Cast back to storage dtype on save.
@@ -321,18 +362,10 @@ def train_stage(
         expert_generation = {i: torch.tensor(model.expert_generation_ids(i)) for i in model.config.moe_layers}
         top_k = next(iter(model.moe_blocks().values())).top_k  # the routers' k, as the model routes
 
-    # ---- data (tokenised once, on the main process first so the others hit the cache)
-    documents = select_documents(texts_by_language, generation_of_language, current_generation, config)
-    with accelerator.main_process_first():
-        data: PackedData = build_packed_data(
-            documents, generation_of_language, tokenizer, config.seq_len, config.seed, cache_dir
-        )
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = config.micro_batch_size
     blocks_per_step = micro * config.grad_accum_steps * world
     total_steps = plan_steps(config, len(data), blocks_per_step)
-    real_tokens = torch.full((len(data),), config.seq_len, dtype=torch.long)
-    real_tokens[-1] = int(data.batch([len(data) - 1])["attention_mask"].sum())
 
     # ---- optimizer, scheduler, devices
     optimizer = torch.optim.AdamW(
@@ -352,7 +385,7 @@ def train_stage(
         "current_generation": current_generation,
         "world_size": world,
         "frozen": hashlib.sha256(json.dumps(frozen_sums, sort_keys=True).encode()).hexdigest(),
-        "data": [data.documents_per_language, data.tokens_per_language, len(data)],
+        "data": [data.documents_per_language, data.tokens_per_language, len(data), prepared.meta["key"]],
     }
     last = ckpt.latest_checkpoint(ckpt_root)
     if last is not None:
@@ -417,7 +450,7 @@ def train_stage(
                 first = position + m * micro * world  # this micro-step's global batch ...
                 global_idx = block_indices(first, micro * world, len(data), config.seed)
                 local_idx = global_idx[rank * micro : (rank + 1) * micro]  # ... and this rank's slice
-                step_tokens = int(real_tokens[torch.as_tensor(global_idx)].sum())
+                step_tokens = int(data.real_tokens(global_idx).sum())
                 tokens_seen += step_tokens
                 window_tokens += step_tokens
                 batch = {k: v.to(accelerator.device) for k, v in data.batch(local_idx).items()}
@@ -520,5 +553,7 @@ def train_stage(
             "blocks": len(data),
             "seq_len": config.seq_len,
             "blocks_per_step": blocks_per_step,
+            "prepared": str(prepared.path),
+            "key": prepared.meta["key"],
         },
     )

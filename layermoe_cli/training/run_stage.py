@@ -3,9 +3,10 @@
     accelerate launch --config_file recipes/accelerate/ddp.yaml \\
         -m layermoe_cli.training.run_stage --args-json args.json
 
-args.json: {"model_dir", "output_dir", "work_dir", "texts_by_language" (or "texts_json": a
-path to a JSON file holding it), "generation_of_language", "current_generation",
-"config" (TrainConfig fields), optional "log_path", "result_json", "show_progress"}.
+args.json: {"model_dir", "output_dir", "work_dir", "prepared_dir" (from `layermoe prepare`) or
+"texts_by_language" (or "texts_json": a path to a JSON file holding it), "generation_of_language",
+"current_generation", "config" (TrainConfig fields), optional "log_path", "result_json",
+"show_progress"}.
 The main process writes the TrainResult to result_json (default <work_dir>/train_result.json).
 """
 
@@ -24,7 +25,7 @@ def run_from_args(args: dict):
     from layermoe_cli.training.loop import train_stage
 
     texts = args.get("texts_by_language")
-    if texts is None:
+    if texts is None and args.get("texts_json"):
         texts = json.loads(Path(args["texts_json"]).read_text(encoding="utf-8"))
     work_dir = Path(args["work_dir"])
     result = train_stage(
@@ -35,6 +36,7 @@ def run_from_args(args: dict):
         current_generation=int(args["current_generation"]),
         config=TrainConfig(**args["config"]),
         work_dir=work_dir,
+        prepared_dir=Path(args["prepared_dir"]) if args.get("prepared_dir") else None,
         log_path=Path(args["log_path"]) if args.get("log_path") else None,
         show_progress=bool(args.get("show_progress", False)),
     )
