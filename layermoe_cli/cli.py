@@ -135,6 +135,30 @@ def expand(
     _call(run_expand, ctx.obj, budget=budget, top_k=top_k, classifier_granularity=classifier_granularity, device=device, force=force)
 
 
+@app.command(epilog="Example: layermoe prepare --stage 1 --tokens-per-language 50000000")
+def prepare(
+    ctx: typer.Context,
+    stage: int = typer.Option(..., "--stage", min=1, max=2, help="1: the new languages; 2: those plus a replay of the old ones."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML with training options; its data settings are used (flags override them)."),
+    tokens_per_language: Optional[int] = typer.Option(None, "--tokens-per-language", help="Token budget per new language: reading stops once it is met."),
+    docs_per_new_language: Optional[int] = typer.Option(None, "--docs-per-new-language", help="Document budget per new language (stage 2 default: 100,000)."),
+    tokens_per_old_language: Optional[int] = typer.Option(None, "--tokens-per-old-language", help="Stage 2: token budget per replayed old language."),
+    docs_per_old_language: Optional[int] = typer.Option(None, "--docs-per-old-language", help="Stage 2: document budget per replayed old language."),
+    replay_ratio: Optional[float] = typer.Option(None, "--replay-ratio", help="Stage 2: old-language documents = this x the mean new-language count (default 0.5)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the document choice under a budget and of the packing order."),
+    num_proc: Optional[int] = typer.Option(None, "--num-proc", help="Tokenising processes (default: every usable core)."),
+    force: bool = typer.Option(False, "--force", help="Prepare again even if prepared for these settings."),
+) -> None:
+    """Read, split, tokenise and pack a stage's training data once (train runs it when needed)."""
+    from layermoe_cli.pipeline.prepare import run_prepare
+
+    overrides = dict(tokens_per_language=tokens_per_language, docs_per_new_language=docs_per_new_language,
+                     tokens_per_old_language=tokens_per_old_language, docs_per_old_language=docs_per_old_language,
+                     replay_ratio=replay_ratio, seed=seed)
+    _call(run_prepare, ctx.obj, stage=stage, recipe=recipe, overrides={k: v for k, v in overrides.items() if v is not None},
+          num_proc=num_proc, force=force)
+
+
 @app.command(epilog="Example: layermoe train --stage 1 --max-steps 1000 && layermoe train --stage 2")
 def train(
     ctx: typer.Context,
@@ -142,6 +166,8 @@ def train(
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML with training options (flags override it)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps"),
     token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Stop after this many training tokens."),
+    tokens_per_language: Optional[int] = typer.Option(None, "--tokens-per-language", help="Token budget per new language when the data is prepared (see `prepare`)."),
+    num_proc: Optional[int] = typer.Option(None, "--num-proc", help="Tokenising processes if the data must be prepared (default: every usable core)."),
     learning_rate: Optional[float] = typer.Option(None, "--lr"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len"),
     micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch"),
@@ -156,8 +182,9 @@ def train(
 
     overrides = dict(max_steps=max_steps, token_budget=token_budget, learning_rate=learning_rate, seq_len=seq_len,
                      micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps, precision=precision,
-                     checkpoint_every=checkpoint_every, seed=seed)
-    _call(run_train, ctx.obj, stage=stage, recipe=recipe, overrides={k: v for k, v in overrides.items() if v is not None}, force=force)
+                     checkpoint_every=checkpoint_every, seed=seed, tokens_per_language=tokens_per_language)
+    _call(run_train, ctx.obj, stage=stage, recipe=recipe, overrides={k: v for k, v in overrides.items() if v is not None},
+          force=force, num_proc=num_proc)
 
 
 @app.command("eval", epilog="Example: layermoe eval --max-tokens 20000")

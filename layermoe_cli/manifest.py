@@ -22,7 +22,7 @@ from layermoe_cli.errors import LayermoeError
 
 SCHEMA_VERSION = 2
 
-STEP_NAMES = ("profile", "allocation", "expansion", "stage1", "stage2", "eval")
+STEP_NAMES = ("profile", "allocation", "expansion", "prepare1", "stage1", "prepare2", "stage2", "eval")
 
 
 def utc_now() -> datetime:
@@ -83,6 +83,15 @@ class ExpansionRecord(StepRecord):
     added_parameters: int | None = None
 
 
+class PrepareRecord(StepRecord):
+    """A stage's training data, read, split, tokenised and packed once (`layermoe prepare`)."""
+
+    key: str | None = None  # cache key: the sources' identity, the tokenizer, the settings
+    data_dir: str | None = None  # the prepared directory
+    documents_per_language: dict[str, int] = Field(default_factory=dict)
+    tokens_per_language: dict[str, int] = Field(default_factory=dict)
+
+
 class TrainRecord(StepRecord):
     checkpoint: str | None = None
     steps: int | None = None
@@ -123,7 +132,9 @@ class Generation(_Record):
     profile: ProfileRecord = Field(default_factory=ProfileRecord)
     allocation: AllocationRecord = Field(default_factory=AllocationRecord)
     expansion: ExpansionRecord = Field(default_factory=ExpansionRecord)
+    prepare1: PrepareRecord = Field(default_factory=PrepareRecord)  # stage 1's data
     stage1: TrainRecord = Field(default_factory=TrainRecord)
+    prepare2: PrepareRecord = Field(default_factory=PrepareRecord)  # stage 2's data
     stage2: TrainRecord = Field(default_factory=TrainRecord)
     eval: EvalRecord = Field(default_factory=EvalRecord)
 

@@ -11,7 +11,7 @@ from layermoe_cli.workdir import Workdir
 
 runner = CliRunner()
 
-COMMANDS = ["profile", "allocate", "expand", "train", "eval", "extend", "status", "run", "demo"]
+COMMANDS = ["profile", "allocate", "expand", "prepare", "train", "eval", "extend", "status", "run", "demo"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

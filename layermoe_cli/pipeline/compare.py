@@ -176,7 +176,7 @@ def _check_same_allocation(workdir: Workdir, manifest: Manifest, allocate: dict)
 
 def _run_dense(out: Path, reference: Workdir, manifest: Manifest, config) -> dict:
     """Fine-tune every weight of the base model on the new languages, with stage 1's settings and data."""
-    from layermoe_cli.pipeline.common import load_base, texts_for
+    from layermoe_cli.pipeline.common import load_base
     from layermoe_cli.training import train_stage
 
     record_path = out / "train.json"
@@ -198,11 +198,21 @@ def _run_dense(out: Path, reference: Workdir, manifest: Manifest, config) -> dic
         tokenizer.save_pretrained(staging)
         staging.rename(base_dir)
         del model
-    texts = {lang: texts_for(reference, generation, lang, "train") for lang in generation.new_languages}
+    # Stage 1's data through the data package, in the reference work dir's cache: the LayerMoE
+    # variant prepared the same sources with the same tokenizer and settings, so it is found there.
+    from transformers import AutoTokenizer
+
+    from layermoe_cli.data import Selection, prepare
+    from layermoe_cli.pipeline.prepare import prepared_root, stage_sources
+
+    sources = {lang: s for lang, s in stage_sources(reference, generation).items() if lang in generation.new_languages}
+    prepared = prepare(sources, manifest.generation_of_language(), 1, Selection.of(config),
+                       AutoTokenizer.from_pretrained(base_dir), prepared_root(reference))
     result = train_stage(
         model_dir=base_dir,
         output_dir=out / "model",
-        texts_by_language=texts,
+        texts_by_language=None,
+        prepared_dir=prepared.path,
         generation_of_language=manifest.generation_of_language(),
         current_generation=1,
         config=config,

@@ -16,7 +16,8 @@ _STYLE = {
     StepStatus.failed: "[red]✗[/]",
     StepStatus.pending: "[dim]·[/]",
 }
-_SHORT = {"profile": "prof", "allocation": "alloc", "expansion": "exp", "stage1": "st1", "stage2": "st2", "eval": "eval"}
+_SHORT = {"profile": "prof", "allocation": "alloc", "expansion": "exp", "prepare1": "data1", "stage1": "st1",
+          "prepare2": "data2", "stage2": "st2", "eval": "eval"}
 
 
 def _millions(n: int | None) -> str:
