@@ -95,6 +95,20 @@ def test_txt_skips_blank_lines_and_keeps_order(tmp_path):
     assert load_texts("el", str(f), cache_dir=tmp_path / "cache") == ["Καλημέρα κόσμε", "δεύτερο κείμενο", "trois"]
 
 
+def test_txt_documents_are_the_lines_datasets_makes(tmp_path):
+    """The same documents as `datasets`' text builder (which read .txt before), so the same held-out split."""
+    import datasets
+
+    from layermoe_cli.data.sources import Source, iter_documents
+
+    f = _write(tmp_path / "x.txt", "\ufeffone\r\ntwo\rthree\u2028still three\x0cand\x85more\n\n  \n  spaced  \r\n\rlast")
+    rows = datasets.load_dataset("text", data_files=[str(f)], split="train", cache_dir=str(tmp_path / "c"))["text"]
+    expected = [t for t in rows if t.strip()]
+    assert len(expected) == 5
+    assert list(iter_documents(Source("el", str(f)), chunk_bytes=5)) == expected  # tiny chunks: lines cross them
+    assert load_texts("el", str(f)) == expected
+
+
 def test_jsonl_json_and_text_field(tmp_path):
     rows = [{"text": "alpha", "body": "uno"}, {"text": "", "body": "dos"}, {"text": "gamma", "body": " "}]
     jsonl = _write(tmp_path / "a.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -245,6 +259,19 @@ def test_directory_without_usable_files(tmp_path):
     d.mkdir()
     _write(d / "readme.md", "x")
     assert _error("el", str(d)) == f"data for 'el': directory {d} has no .txt, .jsonl, .json, .parquet files"
+
+
+def test_hf_source_is_streamed(tmp_path):
+    """`hf:` goes through `datasets` in streaming mode; a local dataset folder stands in for the hub."""
+    d = tmp_path / "ds"
+    d.mkdir()
+    _write(d / "train.jsonl", "".join(json.dumps({"text": f"doc {i}", "n": i}) + "\n" for i in range(2500)))
+    assert load_texts("el", f"hf:{d}") == [f"doc {i}" for i in range(2500)]  # three batches of 1024
+    assert load_texts("el", f"hf:{d}", limit=3) == ["doc 0", "doc 1", "doc 2"]
+    assert _error("el", f"hf:{d}", text_field="body") == (
+        f"data for 'el': hf:{d} has no field 'body' (fields: n, text): rename the field or choose another text field"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"] and sorted(p.name for p in d.iterdir()) == ["train.jsonl"]
 
 
 def test_hf_offline_is_one_clear_line(tmp_path, monkeypatch):

@@ -312,7 +312,7 @@ def _prepare_language(source: Source, generation: int, budget: Budget, selection
             def chosen() -> Iterator[np.ndarray]:
                 for ids, lengths in kept_batches(pool):
                     for document in np.split(ids, np.cumsum(lengths)[:-1]) if len(lengths) else ():
-                        out = buffer.push(document)
+                        out = buffer.push(document.copy())  # a copy: a view would keep its whole chunk alive
                         if out is not None:
                             yield out
                 yield from buffer.drain()

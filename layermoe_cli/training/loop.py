@@ -366,6 +366,13 @@ def train_stage(
     micro = config.micro_batch_size
     blocks_per_step = micro * config.grad_accum_steps * world
     total_steps = plan_steps(config, len(data), blocks_per_step)
+    planned_tokens = total_steps * blocks_per_step * config.seq_len
+    if main and show_progress and 2 * planned_tokens < data.num_tokens:
+        from layermoe_cli.console import err_console
+
+        err_console.print(f"[yellow]note:[/] {total_steps:,} steps train on at most {planned_tokens:,} of the "
+                          f"{data.num_tokens:,} prepared tokens: a budget (--tokens-per-language) prepares less",
+                          soft_wrap=True, highlight=False)
 
     # ---- optimizer, scheduler, devices
     optimizer = torch.optim.AdamW(
