@@ -31,6 +31,7 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/moe_layer.py --small --device cpu
 	$(BIN)/python bench/profile_bench.py --device cpu
+	$(BIN)/python bench/data_pipeline.py --sizes 20M --budget 1000000
 
 clean:
 	rm -rf $(VENV) layermoe-demo .pytest_cache .hypothesis
