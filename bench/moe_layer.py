@@ -2,7 +2,7 @@
 
 Real shapes are Qwen1.5-1.8B's FFN (hidden 2048, intermediate 5504, bf16, top-2) at
 E = 2, 3, 5 experts and 2k / 8k / 16k tokens. Rows compare, at the same E:
-  ours grouped / ours loop          LayermoeMoeBlock, experts_implementation="grouped" / "loop"
+  ours grouped / ours loop          LayermoeMoeBlock, moe_kernel="grouped" / "loop"
   ours grouped, cls X% old          same, with a routing classifier that sends X% of the tokens
                                     to expert 0 alone (no top-k, no other expert)
   mixtral grouped_mm / eager        MixtralSparseMoeBlock with experts_implementation=...
@@ -35,7 +35,7 @@ def ours(hidden, intermediate, experts, dtype, device, impl, old_fraction=0.0):
         [experts - 1],
         top_k=2,
         classifier_classes=2 if old_fraction else 0,
-        experts_implementation=impl,
+        moe_kernel=impl,
     )
     block.to(device=device, dtype=dtype)
     with torch.no_grad():

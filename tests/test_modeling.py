@@ -136,7 +136,7 @@ def dense_reference(block: LayermoeMoeBlock, x: torch.Tensor) -> torch.Tensor:
 
 
 def run_block(block, x, impl):
-    block.experts_implementation = impl
+    block.moe_kernel = impl
     return block(x)
 
 

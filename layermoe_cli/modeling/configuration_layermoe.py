@@ -31,7 +31,10 @@ _EXPOSED_BASE_ATTRIBUTES = (
     "layer_types",
 )
 
-EXPERTS_IMPLEMENTATIONS = ("auto", "grouped", "loop")
+MOE_KERNELS = ("auto", "grouped", "loop")
+# transformers' own `experts_implementation` values (a loading option of every model), mapped
+# onto ours so that `from_pretrained(..., experts_implementation="eager")` does what it says.
+TRANSFORMERS_EXPERTS_TO_MOE_KERNEL = {"eager": "loop", "grouped_mm": "grouped", "batched_mm": "grouped"}
 CLASSIFIER_GRANULARITIES = ("token", "sequence")
 
 
@@ -53,11 +56,16 @@ class LayermoeConfig(PretrainedConfig):
     classifier_routing: bool = True
     # Router top-k. Not called `top_k`: transformers would read that as a sampling parameter.
     num_experts_per_tok: int = 2
-    experts_implementation: str = "auto"
+    # How the new experts run: grouped GEMMs, a per-expert loop, or auto (grouped on CUDA).
+    # Not called `experts_implementation`: that is transformers' own loading option.
+    moe_kernel: str = "auto"
 
     def __post_init__(self, **kwargs: Any):
         if "top_k" in kwargs:
             raise ValueError("LayermoeConfig has no top_k (a sampling parameter in transformers); use num_experts_per_tok")
+        # Checkpoints written before the rename store our kernel choice as `experts_implementation`.
+        if kwargs.get("experts_implementation") in MOE_KERNELS:
+            self.moe_kernel = kwargs.pop("experts_implementation")
         self.base_config = dict(self.base_config or {})
         self.new_experts = [[int(n) for n in row] for row in (self.new_experts or [])]
         self.classifier_layers = sorted(int(i) for i in (self.classifier_layers or []))
@@ -123,10 +131,8 @@ class LayermoeConfig(PretrainedConfig):
             raise ValueError(
                 f"classifier_granularity={self.classifier_granularity!r}; use one of {', '.join(CLASSIFIER_GRANULARITIES)}"
             )
-        if self.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
-            raise ValueError(
-                f"experts_implementation={self.experts_implementation!r}; use one of {', '.join(EXPERTS_IMPLEMENTATIONS)}"
-            )
+        if self.moe_kernel not in MOE_KERNELS:
+            raise ValueError(f"moe_kernel={self.moe_kernel!r}; use one of {', '.join(MOE_KERNELS)}")
         if self.num_experts_per_tok < 1:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok}; it must be at least 1")
 

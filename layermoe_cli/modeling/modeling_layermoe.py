@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_layermoe import LayermoeConfig
+from .configuration_layermoe import MOE_KERNELS, TRANSFORMERS_EXPERTS_TO_MOE_KERNEL, LayermoeConfig
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -93,11 +93,23 @@ class LayermoeExpertGroup(nn.Module):
         return f"experts={e}, hidden={h}, intermediate={two_i // 2}"
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `x` run in: autocast's where it is on for x's device, else x's own.
+
+    Training keeps fp32 master weights and autocasts, so the MoE input arrives in fp32 while
+    the matmuls are meant to run in bf16; `_grouped_mm` has no autocast rule of its own.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 def grouped_mm_usable(x: torch.Tensor, group: LayermoeExpertGroup) -> bool:
-    """grouped_mm needs 16-byte aligned rows; on CUDA also SM80+."""
+    """grouped_mm needs 16-byte aligned rows (in the dtype it runs in); on CUDA also SM80+."""
     if _grouped_mm is None:
         return False
-    size = x.element_size()
+    size = torch.empty((), dtype=compute_dtype(x)).element_size()
     _, two_i, h = group.gate_up_proj.shape
     if (h * size) % 16 or (two_i // 2 * size) % 16:
         return False
@@ -107,11 +119,18 @@ def grouped_mm_usable(x: torch.Tensor, group: LayermoeExpertGroup) -> bool:
 
 
 def experts_grouped(group, act_fn, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """All experts of a group in two grouped GEMMs. x_sorted: [P, H] sorted by expert; counts: [E_g]."""
+    """All experts of a group in two grouped GEMMs. x_sorted: [P, H] sorted by expert; counts: [E_g].
+
+    Runs in the compute dtype (bf16 under bf16 autocast): autocast does not cover
+    `_grouped_mm`, and in fp32 it would fall back to a slow per-group path on CUDA.
+    """
+    dtype = compute_dtype(x_sorted)
     offs = counts.cumsum(0).to(torch.int32)  # [E_g], end of each expert's rows
-    gate_up = _grouped_mm(x_sorted, group.gate_up_proj.transpose(1, 2), offs=offs)  # [P, 2I]
+    gate_up_proj = group.gate_up_proj.to(dtype).transpose(1, 2)  # [E_g, H, 2I]
+    down_proj = group.down_proj.to(dtype).transpose(1, 2)  # [E_g, I, H]
+    gate_up = _grouped_mm(x_sorted.to(dtype), gate_up_proj, offs=offs)  # [P, 2I]
     gate, up = gate_up.chunk(2, dim=-1)
-    return _grouped_mm(act_fn(gate) * up, group.down_proj.transpose(1, 2), offs=offs)  # [P, H]
+    return _grouped_mm((act_fn(gate) * up).to(dtype), down_proj, offs=offs)  # [P, H]
 
 
 def experts_loop(group, act_fn, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -144,7 +163,7 @@ class LayermoeMoeBlock(nn.Module):
         classifier_classes: int = 0,
         classifier_granularity: str = "token",
         classifier_routing: bool = True,
-        experts_implementation: str = "auto",
+        moe_kernel: str = "auto",
     ):
         super().__init__()
         weight = expert0.gate_proj.weight  # [I, H]
@@ -166,7 +185,7 @@ class LayermoeMoeBlock(nn.Module):
         self.top_k = top_k
         self.classifier_granularity = classifier_granularity
         self.classifier_routing = classifier_routing
-        self.experts_implementation = experts_implementation
+        self.moe_kernel = moe_kernel
         # Set by LayermoeForCausalLM around each forward.
         self.attention_mask: torch.Tensor | None = None
         self.record_logits = False
@@ -189,9 +208,9 @@ class LayermoeMoeBlock(nn.Module):
             start += n
 
     def _use_grouped(self, x: torch.Tensor) -> bool:
-        if self.experts_implementation == "loop":
+        if self.moe_kernel == "loop":
             return False
-        if self.experts_implementation == "grouped":
+        if self.moe_kernel == "grouped":
             return True
         return x.is_cuda
 
@@ -267,12 +286,16 @@ class LayermoeMoeBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         b, s, h = hidden_states.shape
         x = hidden_states.reshape(-1, h)  # [T, H]
-        router_logits = F.linear(x.float(), self.router.weight.float())  # [T, E]
+        # Routing decisions in fp32 whatever the autocast state (Sec. 3): in bf16 the top-k set
+        # flips on a fraction of a percent of tokens.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            router_logits = F.linear(x.float(), self.router.weight.float())  # [T, E]
+            classifier_logits = None
+            if self.classifier is not None:
+                cls_in = self.classifier_input(hidden_states)  # [T, H]
+                classifier_logits = F.linear(cls_in.float(), self.classifier.weight.float())  # [T, C]
         token_class = None
-        classifier_logits = None
         if self.classifier is not None:
-            cls_in = self.classifier_input(hidden_states)  # [T, H]
-            classifier_logits = F.linear(cls_in.float(), self.classifier.weight.float())  # [T, C]
             if self.classifier_routing:
                 token_class = classifier_logits.detach().argmax(-1)  # [T]
         if self.record_logits:
@@ -343,6 +366,12 @@ class LayermoePreTrainedModel(PreTrainedModel):
 
 class LayermoeForCausalLM(LayermoePreTrainedModel, GenerationMixin):
     def __init__(self, config: LayermoeConfig, lm: PreTrainedModel | None = None):
+        # `from_pretrained(..., experts_implementation=X)` (transformers' option) picks our kernel;
+        # read it before PreTrainedModel.__init__ fills in transformers' own default.
+        requested = getattr(config, "_experts_implementation", None)
+        if requested in TRANSFORMERS_EXPERTS_TO_MOE_KERNEL:
+            config.moe_kernel = TRANSFORMERS_EXPERTS_TO_MOE_KERNEL[requested]
+            config._experts_implementation = None  # taken: transformers' own check would refuse it
         super().__init__(config)
         if lm is None:
             lm = _build_base_lm(config)
@@ -357,7 +386,7 @@ class LayermoeForCausalLM(LayermoePreTrainedModel, GenerationMixin):
                 classifier_classes=classes if i in config.classifier_layers else 0,
                 classifier_granularity=config.classifier_granularity,
                 classifier_routing=config.classifier_routing,
-                experts_implementation=config.experts_implementation,
+                moe_kernel=config.moe_kernel,
             )
         self.post_init()
 
@@ -370,13 +399,13 @@ class LayermoeForCausalLM(LayermoePreTrainedModel, GenerationMixin):
         """Generation of each router column of `layer`, e.g. [0, 1, 1, 1, 2, 2]."""
         return self.config.expert_generation_ids(layer)
 
-    def set_moe_implementation(self, name: str) -> None:
+    def set_moe_kernel(self, name: str) -> None:
         """Switch all MoE blocks between "auto", "grouped" and "loop" (same outputs, different speed)."""
-        if name not in ("auto", "grouped", "loop"):
-            raise ValueError(f"experts implementation {name!r}; use auto, grouped or loop")
-        self.config.experts_implementation = name
+        if name not in MOE_KERNELS:
+            raise ValueError(f"moe kernel {name!r}; use {', '.join(MOE_KERNELS)}")
+        self.config.moe_kernel = name
         for block in self.moe_blocks().values():
-            block.experts_implementation = name
+            block.moe_kernel = name
 
     def set_classifier_routing(self, enabled: bool) -> None:
         """Let the routing classifier decide routing (True) or only produce logits (False, e.g. stage 1)."""

@@ -185,7 +185,7 @@ def add_generation(
                 classifier_classes=classes if i in cls_layers else 0,
                 classifier_granularity=config.classifier_granularity,
                 classifier_routing=config.classifier_routing,
-                experts_implementation=config.experts_implementation,
+                moe_kernel=config.moe_kernel,
             )
             # Earlier generations: reuse the very same modules (and Parameters).
             if old_block is not None:
