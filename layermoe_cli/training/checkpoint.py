@@ -20,7 +20,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -51,17 +51,38 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def value_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's values read as float32, and its shape: the same for a bf16 tensor and
+    its exact fp32 copy, so a frozen weight that an engine keeps in another dtype is not "changed"."""
+    t = tensor.detach()
+    t = (t.cpu() if t.device.type != "cpu" else t).float().contiguous()
+    h = hashlib.sha256(f"{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def frozen_checksums(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
-    """name -> sha256 for every given tensor (call it with the frozen parameters)."""
-    return {name: tensor_sha256(t) for name, t in named_tensors}
+    """name -> value checksum (`value_sha256`) for every given tensor (the frozen parameters)."""
+    return {name: value_sha256(t) for name, t in named_tensors}
 
 
-def verify_frozen(named_tensors: Iterable[tuple[str, torch.Tensor]], expected: dict[str, str]) -> None:
-    """Raise FrozenWeightsChanged naming the tensors whose bytes differ from `expected`."""
+def verify_frozen(named_tensors: Iterable[tuple[str, torch.Tensor]], expected: dict[str, str],
+                  reference: Callable[[str], torch.Tensor] | None = None) -> None:
+    """Raise FrozenWeightsChanged naming the tensors whose values differ from `expected`.
+
+    A tensor held in a narrower dtype than its checksum was taken in (DeepSpeed keeps the
+    whole module in bf16) is compared at its own precision instead: against
+    `reference(name)`, the original values, rounded the same way.
+    """
     seen = {}
     for name, t in named_tensors:
-        if name in expected:
-            seen[name] = tensor_sha256(t)
+        if name not in expected:
+            continue
+        digest = value_sha256(t)
+        if digest != expected[name] and reference is not None and t.dtype != torch.float32:
+            if value_sha256(reference(name).to(t.dtype)) == digest:  # the same values, rounded: unchanged
+                digest = expected[name]
+        seen[name] = digest
     missing = sorted(set(expected) - set(seen))
     changed = sorted(n for n, h in seen.items() if h != expected[n])
     if changed or missing:

@@ -47,6 +47,12 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
     gradient_checkpointing: bool = False
+    # Experiment trackers through accelerate: tensorboard, wandb, mlflow (comma-separated), all,
+    # none, or auto (tensorboard when installed). wandb offline: WANDB_MODE=offline.
+    report_to: str = "auto"
+    # How long a collective call may wait for a slow rank before the job is killed (NCCL's
+    # default is 10 minutes; a rank 0 writing a large checkpoint can take longer).
+    process_group_timeout_minutes: int = Field(60, gt=0)
     # Data mix (layermoe_cli.data.prepare; these fields are its `Selection`). None = every
     # document. A budget stops the reading once met (documents chosen through a seeded shuffle
     # buffer). In stage 2 the default is the authors' 100k documents per new language; old
@@ -70,7 +76,7 @@ class TrainConfig(BaseModel):
     @property
     def trainable_fingerprint(self) -> dict:
         """The fields a resumed run must share with the run that wrote the checkpoint."""
-        skip = {"checkpoint_every", "keep_checkpoints", "log_every"}
+        skip = {"checkpoint_every", "keep_checkpoints", "log_every", "report_to", "process_group_timeout_minutes"}
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
 
 

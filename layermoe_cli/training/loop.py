@@ -29,6 +29,7 @@ import torch
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.training import checkpoint as ckpt
 from layermoe_cli.training.config import TrainConfig
+from layermoe_cli.training.distributed import is_sharded, make_accelerator, resolve_precision  # noqa: F401 (re-exported)
 from layermoe_cli.training.losses import classifier_over_layers, load_balancing_over_layers, lpr_over_layers
 from layermoe_cli.data import PackedData, Selection, Source, block_indices, open_prepared, prepare_or_wait
 
@@ -135,30 +136,6 @@ def stage_loss(
 # ---------------------------------------------------------------- setup helpers
 
 
-def resolve_precision(precision: str) -> str:
-    """"auto" -> bf16 on a GPU that supports it, else fp32."""
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-def make_accelerator(config: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[resolve_precision(config.precision)]
-    # Top-k routing leaves some experts without tokens in a micro-batch: DDP must allow unused params.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(
-        mixed_precision=mixed,
-        gradient_accumulation_steps=config.grad_accum_steps,
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[ddp],
-    )
-
-
 def plan_steps(config: TrainConfig, num_blocks: int, blocks_per_step: int) -> int:
     """Optimizer steps: max_steps, else token_budget / tokens per step, else epochs over the blocks."""
     if config.max_steps is not None:
@@ -176,12 +153,6 @@ def make_scheduler(optimizer, config: TrainConfig, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def _sharded(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
-
 def _trainable_digest(named: Sequence[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.sha256()
     for name, t in named:
@@ -190,36 +161,97 @@ def _trainable_digest(named: Sequence[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
+def _broadcast_from_main(accelerator, value):
+    """The main process's `value` on every process (one small collective; none when alone)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def _load_fractions(accelerator, slots: dict[int, torch.Tensor]) -> dict[str, list[float]]:
+    """Router top-k slot counts per layer, summed over processes, as fractions per expert."""
+    layers = sorted(slots)
+    flat = accelerator.reduce(torch.cat([slots[i].float() for i in layers]), reduction="sum")  # one collective
+    out, start = {}, 0
+    for layer in layers:
+        counts = flat[start : start + slots[layer].numel()]
+        start += slots[layer].numel()
+        out[str(layer)] = [round(float(x), 6) for x in counts / counts.sum().clamp_min(1)]
+    return out
+
+
+def _checkpoint_tensors(model_dir: Path) -> Callable[[str], torch.Tensor]:
+    """name -> tensor, read lazily from a checkpoint's safetensors files (the frozen originals)."""
+    from safetensors import safe_open
+
+    where = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            where.update({name: path for name in f.keys()})
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(str(where[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    return read
+
+
+def _model_from_state_dict(model_dir: Path, dense: bool, state: dict, dtype, frozen: set[str], reference):
+    """The trained model for saving, built on the meta device around the gathered state dict.
+
+    No second full copy: the tensors are assigned, not copied. Frozen tensors are taken from
+    the source checkpoint (verified equal), so an engine that held them in bf16 (DeepSpeed)
+    cannot round them in the saved model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from layermoe_cli.modeling import LayermoeConfig, LayermoeForCausalLM
+
+    with torch.device("meta"):
+        if dense:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        else:
+            model = LayermoeForCausalLM(LayermoeConfig.from_pretrained(model_dir))
+    tensors = {name: (reference(name) if name in frozen else value).to(dtype) for name, value in state.items()}
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise RuntimeError(f"the gathered state dict lacks {', '.join(left[:3])}: this is a bug")
+    return model
+
+
 # ---------------------------------------------------------------- logging
 
 
 class _Reporter:
-    """JSONL log + optional TensorBoard + optional progress, on the main process only.
+    """JSONL log + the accelerate trackers (`--report-to`) + progress, on the main process only.
 
     Progress: a Rich bar on a terminal; otherwise (SLURM, CI, a log file) a plain line every
     ~30 s and at the last step, since Rich would print its bar only once, at the end."""
 
-    def __init__(self, log_path: Path, tb_dir: Path, total_steps: int, start_step: int, show_progress: bool, enabled: bool):
+    def __init__(self, log_path: Path, total_steps: int, start_step: int, show_progress: bool, accelerator,
+                 run_config: dict, run_name: str):
         from layermoe_cli.console import err_console
         from layermoe_cli.progress import Throttle
 
-        self.enabled = enabled
+        self.enabled = accelerator.is_main_process
+        self.accelerator = accelerator
         self.file = None
-        self.tb = None
         self.progress = None
         self.throttle = None
         self.total_steps, self.last = total_steps, None
         self.console = err_console
-        if not enabled:
+        self.trackers = bool(accelerator.log_with)
+        if self.trackers:  # collective-free: only the main process holds trackers
+            accelerator.init_trackers("layermoe", config=_scalars(run_config), init_kwargs={
+                "wandb": {"name": run_name}, "mlflow": {"run_name": run_name}})
+        if not self.enabled:
             return
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(log_path, "a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(tb_dir))
-        except Exception:  # tensorboard is optional
-            self.tb = None
         if show_progress and not err_console.is_terminal:
             self.throttle = Throttle()
         elif show_progress:
@@ -252,18 +284,42 @@ class _Reporter:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, step)
+        if self.trackers:
+            self.accelerator.log(_scalars(record, skip=("step",), prefix="train/"), step=step)
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
         if self.file is not None:
             self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        if self.trackers and self.enabled:  # not end_training(): that also destroys the process group
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+
+
+def _scalars(values: dict, skip=(), prefix: str = "") -> dict:
+    """Flatten nested dicts/lists of numbers into `a/b/0`-named scalars (what trackers take)."""
+    out = {}
+    for key, value in values.items():
+        if key in skip:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_scalars(value, prefix=f"{name}/"))
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+            out.update({f"{name}/{i}": v for i, v in enumerate(value)})
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            out[name] = value
+    return out
+
+
+def expert_slot_counts(router_logits: Mapping[int, torch.Tensor], token_mask: torch.Tensor, top_k: int) -> dict[int, torch.Tensor]:
+    """Per MoE layer, how many of the router's top-k slots each expert got ([E_i] counts), padding excluded."""
+    counts = {}
+    for layer, logits in router_logits.items():  # logits: [T, E_i]
+        chosen = logits[token_mask].topk(min(top_k, logits.shape[-1]), dim=-1).indices  # [n, k]
+        counts[layer] = torch.bincount(chosen.reshape(-1), minlength=logits.shape[-1])
+    return counts
 
 
 # ---------------------------------------------------------------- the stage
@@ -324,7 +380,7 @@ def train_stage(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data = PackedData(prepared, config.seq_len, pad_id)
 
-    accelerator = accelerator or make_accelerator(config)
+    accelerator = accelerator or make_accelerator(config, project_dir=work_dir)
     main = accelerator.is_main_process
     set_seed(config.seed)
 
@@ -332,6 +388,8 @@ def train_stage(
     dense = not is_layermoe_checkpoint(model_dir)
     if dense and config.stage != 1:
         raise LayermoeError(f"{model_dir} is a dense model: it has no router, so only stage 1 (a full fine-tune) applies")
+    # Under FSDP with cpu_ram_efficient_loading, transformers loads the weights on the first
+    # process only; the others build the model on the meta device and get their shards later.
     model = _load_dense(model_dir) if dense else load_layermoe(model_dir)
     if not dense and current_generation > model.config.num_generations:
         raise LayermoeError(
@@ -357,7 +415,10 @@ def train_stage(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     frozen_names = [n for n in params if n not in set(trainable_names)]
-    frozen_sums = ckpt.frozen_checksums((n, params[n]) for n in frozen_names)
+    on_meta = any(params[n].is_meta for n in frozen_names)
+    frozen_sums = {} if on_meta else ckpt.frozen_checksums((n, params[n]) for n in frozen_names)
+    frozen_digest = _broadcast_from_main(
+        accelerator, hashlib.sha256(json.dumps(frozen_sums, sort_keys=True).encode()).hexdigest() if main else None)
     if not dense:
         expert_generation = {i: torch.tensor(model.expert_generation_ids(i)) for i in model.config.moe_layers}
         top_k = next(iter(model.moe_blocks().values())).top_k  # the routers' k, as the model routes
@@ -391,7 +452,7 @@ def train_stage(
         "config": config.trainable_fingerprint,
         "current_generation": current_generation,
         "world_size": world,
-        "frozen": hashlib.sha256(json.dumps(frozen_sums, sort_keys=True).encode()).hexdigest(),
+        "frozen": frozen_digest,
         "data": [data.documents_per_language, data.tokens_per_language, len(data), prepared.meta["key"]],
     }
     last = ckpt.latest_checkpoint(ckpt_root)
@@ -402,7 +463,7 @@ def train_stage(
                 f"{ckpt_root} holds checkpoints of a different run (model, data, settings or process count differ); "
                 "use a fresh work dir or delete that folder"
             )
-        if _sharded(accelerator):
+        if is_sharded(accelerator):
             accelerator.load_state(str(last / "accelerate"))
         else:
             from safetensors.torch import load_file
@@ -422,7 +483,7 @@ def train_stage(
             ckpt.prepare_staging(ckpt_root, step)
         accelerator.wait_for_everyone()
         stage_dir = ckpt.staging_dir(ckpt_root, step)
-        if _sharded(accelerator):
+        if is_sharded(accelerator):
             accelerator.save_state(str(stage_dir / "accelerate"))
         elif main:
             from safetensors.torch import save_file
@@ -443,11 +504,16 @@ def train_stage(
         accelerator.wait_for_everyone()
 
     # ---- train
-    reporter = _Reporter(log_path, work_dir / "tensorboard", total_steps, start_step, show_progress, main)
+    run_name = f"g{current_generation}-stage{config.stage}"
+    reporter = _Reporter(log_path, total_steps, start_step, show_progress, accelerator,
+                         {**config.model_dump(mode="json"), "current_generation": current_generation, "world_size": world},
+                         run_name)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     final_losses: dict[str, float] = {}
     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
     window_sums: dict[str, torch.Tensor] = {}  # loss parts summed since the last log line
+    window_slots: dict[int, torch.Tensor] = {}  # router top-k slots per expert since the last log line
+    grad_norm = None
     session_start, session_steps = time.perf_counter(), 0
     try:
         for step in range(start_step + 1, total_steps + 1):
@@ -472,9 +538,14 @@ def train_stage(
                         loss, parts = outputs.loss, {"ntp": outputs.loss.detach().float(), "loss": outputs.loss.detach().float()}
                     else:
                         loss, parts = stage_loss(outputs, batch, config.stage, current_generation, config, expert_generation, top_k)
+                        token_mask = batch["attention_mask"].reshape(-1).bool()
+                        for layer, counts in expert_slot_counts(outputs.router_logits, token_mask, top_k).items():
+                            window_slots[layer] = window_slots.get(layer, 0) + counts.detach()
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(trainable_params, config.max_grad_norm)
+                    if accelerator.sync_gradients:
+                        # clip_grad_norm_ returns the total norm: with clipping off, measure it anyway (inf max)
+                        norm = accelerator.clip_grad_norm_(trainable_params, config.max_grad_norm or float("inf"))
+                        grad_norm = None if norm is None else norm.detach().float()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 for k, v in parts.items():
@@ -502,8 +573,12 @@ def train_stage(
                     elapsed_s=elapsed,
                     eta_s=elapsed / session_steps * (total_steps - step),
                 )
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                if window_slots:
+                    record["expert_load"] = _load_fractions(accelerator, window_slots)
                 final_losses = {k: record[k] for k in sorted(sums)}
-                window_start, window_tokens, window_steps, window_sums = now, 0, 0, {}
+                window_start, window_tokens, window_steps, window_sums, window_slots = now, 0, 0, {}, {}
             reporter.step(step, record)
             if on_step is not None and main:
                 on_step({"step": step, "total_steps": total_steps, "tokens_seen": tokens_seen, **{k: float(v) for k, v in sums.items()}})
@@ -512,15 +587,17 @@ def train_stage(
     finally:
         reporter.close()
 
-    # ---- verify the frozen weights, save
-    accelerator.wait_for_everyone()
-    if _sharded(accelerator):
-        full = accelerator.get_state_dict(model)  # gathered on the main process
+    # ---- verify the frozen weights, save. The last collective is the gather below: the main
+    # process then verifies and writes alone, and nobody waits for it inside a collective.
+    if is_sharded(accelerator):
+        full = accelerator.get_state_dict(model)  # the one gather, onto the main process
         checksum_by_rank: list[str] = []
         if main:
-            ckpt.verify_frozen(((n, full[n]) for n in frozen_names if n in full), {n: frozen_sums[n] for n in frozen_names if n in full})
-            final = _load_dense(model_dir) if dense else load_layermoe(model_dir)
-            final.load_state_dict({k: v.to(storage_dtype) for k, v in full.items()}, strict=False)
+            reference = _checkpoint_tensors(model_dir)
+            ckpt.verify_frozen(((n, full[n]) for n in frozen_names if n in full),
+                               {n: frozen_sums[n] for n in frozen_names if n in full}, reference=reference)
+            final = _model_from_state_dict(model_dir, dense, full, storage_dtype, frozen=set(frozen_names),
+                                           reference=reference)
     else:
         live = dict(unwrapped.named_parameters())
         ckpt.verify_frozen(((n, live[n]) for n in frozen_names), frozen_sums)
@@ -537,7 +614,6 @@ def train_stage(
         else:
             final.set_classifier_routing(classifier_routing)
             save_layermoe(final, output_dir, tokenizer)
-    accelerator.wait_for_everyone()
 
     num = {n: p.numel() for n, p in params.items()}
     return TrainResult(

@@ -1,0 +1,142 @@
+"""Devices, processes and trackers for a training stage, all through `accelerate`.
+
+The accelerate config (`accelerate launch --config_file ...`) decides the distributed type
+and the device; this module only fills the gaps accelerate leaves:
+
+- On a machine without CUDA, accelerate runs a multi-process launch as CPU processes over
+  gloo, but only as DDP: it never routes a CPU run to FSDP, and a launch whose config says
+  `use_cpu: false` comes up with every process alone (`DistributedType.NO`, rank 0 each).
+  We pass `cpu=True` where no CUDA device exists, apply an FSDP2 config on the CPU too (the
+  same `fully_shard` code path, over gloo: what CI tests), and refuse a multi-process launch
+  that still ends up undistributed instead of letting its ranks train separately.
+- DeepSpeed needs CUDA and, without a DataLoader, the micro-batch size in its config.
+- Long work on one rank must not sit inside a collective call: the process-group timeout is
+  a setting (`TrainConfig.process_group_timeout_minutes`), not NCCL's 10-minute default.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from datetime import timedelta
+
+import torch
+
+from layermoe_cli.errors import LayermoeError
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+# The Python module each tracker needs, as accelerate imports it.
+_TRACKER_MODULES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def launched_world_size() -> int:
+    """Processes started by `accelerate launch` / torchrun for this job (1 for a plain call)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_precision(precision: str) -> str:
+    """"auto" -> bf16 on a GPU that supports it, else fp32."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def _installed(tracker: str) -> bool:
+    return all(importlib.util.find_spec(module) is not None for module in _TRACKER_MODULES[tracker])
+
+
+def resolve_trackers(report_to: str) -> list[str]:
+    """`--report-to` -> accelerate tracker names. auto: tensorboard when installed, else none."""
+    choice = report_to.strip().lower()
+    if choice == "auto":
+        return ["tensorboard"] if _installed("tensorboard") else []
+    if choice == "none":
+        return []
+    wanted = list(TRACKERS) if choice == "all" else [t.strip() for t in choice.split(",") if t.strip()]
+    unknown = [t for t in wanted if t not in TRACKERS]
+    if unknown or not wanted:
+        raise LayermoeError(f"unknown tracker {', '.join(unknown) or report_to!r} in --report-to: "
+                            f"use {', '.join(TRACKERS)}, all, none or auto")
+    missing = [t for t in wanted if not _installed(t)]
+    if missing:
+        raise LayermoeError(f"--report-to {','.join(missing)} needs the package{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing)}: pip install {' '.join(missing)} (or --report-to none)")
+    return wanted
+
+
+def check_launch_environment() -> None:
+    """Refuse, before any process group exists, what cannot run here."""
+    if _flag("ACCELERATE_USE_DEEPSPEED") and not torch.cuda.is_available():
+        raise LayermoeError("the accelerate config asks for DeepSpeed, which needs CUDA GPUs, and none is visible: "
+                            "use recipes/accelerate/fsdp2.yaml or cpu_ddp_2proc.yaml on this machine")
+    if _flag("ACCELERATE_USE_DEEPSPEED") and importlib.util.find_spec("deepspeed") is None:
+        raise LayermoeError("the accelerate config asks for DeepSpeed, which is not installed: pip install deepspeed")
+
+
+def make_accelerator(config, project_dir=None):
+    """The Accelerator of a stage, as the launch's config says; see the module docstring."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    check_launch_environment()
+    mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[resolve_precision(config.precision)]
+    handlers = [
+        # Top-k routing leaves some experts without tokens in a micro-batch: DDP must allow unused params.
+        DistributedDataParallelKwargs(find_unused_parameters=True),
+        InitProcessGroupKwargs(timeout=timedelta(minutes=config.process_group_timeout_minutes)),
+    ]
+    trackers = resolve_trackers(config.report_to)
+    accelerator = Accelerator(
+        mixed_precision=mixed,
+        gradient_accumulation_steps=config.grad_accum_steps,
+        cpu=not torch.cuda.is_available(),  # no other device exists; the launch config decides the rest
+        kwargs_handlers=handlers,
+        log_with=trackers or None,
+        project_dir=None if project_dir is None else str(project_dir),
+    )
+    if _flag("ACCELERATE_USE_FSDP") and not torch.cuda.is_available():
+        _fsdp_on_cpu(accelerator, mixed)
+    check_distributed(accelerator.distributed_type, accelerator.num_processes, launched_world_size())
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:  # no DataLoader goes through prepare(): DeepSpeed needs the micro-batch size
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.micro_batch_size
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator, mixed_precision: str) -> None:
+    """Apply the launch's FSDP config to a CPU run (accelerate itself runs CPU processes as DDP only)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # reads FSDP_* from the launch's environment
+    if plugin.fsdp_version != 2:
+        raise LayermoeError("FSDP on the CPU needs fsdp_version: 2 in the accelerate config (FSDP1 needs GPUs)")
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
+    # As AcceleratorState does for FSDP on GPUs: both shared states say FSDP (a later
+    # AcceleratorState() copies PartialState's type back over its own).
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
+def check_distributed(distributed_type, num_processes: int, world_size: int) -> None:
+    """A launch of several processes must give one process group of that size, never lone ranks."""
+    if world_size > 1 and num_processes != world_size:
+        raise LayermoeError(
+            f"this process is one of {world_size} started by the launcher, but accelerate set it up as "
+            f"{getattr(distributed_type, 'value', distributed_type)} with {num_processes} process(es): the ranks would "
+            "train separately into one folder; check distributed_type and use_cpu in the accelerate config"
+        )
+
+
+def is_sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
