@@ -109,6 +109,7 @@ class EvalRecord(StepRecord):
 
 class DataSourceRecord(_Record):
     spec: str  # "builtin", "hf:NAME...", or a path relative to the work dir
+    absolute_path: str | None = None  # a file source's absolute path, tried when `spec` does not resolve
     kind: str
     sha256: str
     documents: int | None = None

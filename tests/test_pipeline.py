@@ -266,3 +266,33 @@ def test_expand_before_allocate_and_a_layer_count_mismatch(tmp_path, expanded):
     result = layermoe(workdir, "expand", "--force")
     assert_one_line_error(result, "the allocation has 3 layers but the model has 4")
     assert snapshot(workdir) == before
+
+
+def test_data_files_are_found_after_the_workdir_moves_deeper(tmp_path, tiny):
+    """A --data file is stored relative to the work dir and absolute; the absolute path is the fallback, said once."""
+    from layermoe_cli.data import load_texts
+
+    data = tmp_path / "data"
+    data.mkdir()
+    greek = data / "el.txt"
+    greek.write_text("\n".join(load_texts("el", "builtin", limit=60)) + "\n", encoding="utf-8")
+    workdir = tmp_path / "run"
+    result = layermoe(workdir, "profile", "--model", str(tiny), "--old", "en", "--new", "el", "--data", f"el={greek}",
+                      "--tokens", "200")
+    assert result.exit_code == 0, result.output
+    record = manifest_of(workdir).generations[1].data["el"]
+    assert record.spec == "../data/el.txt" and record.absolute_path == str(greek.resolve())
+
+    moved = tmp_path / "deeper" / "run"
+    moved.parent.mkdir()
+    shutil.move(workdir, moved)
+    result = layermoe(moved, "profile", "--force", "--tokens", "200")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if "data for 'el'" in line]
+    assert notes == [f"note: data for 'el': ../data/el.txt is not there from {moved}; using the absolute path "
+                     f"{greek.resolve()} recorded with it"], result.stderr
+
+    shutil.move(data, tmp_path / "gone")
+    result = layermoe(moved, "profile", "--force", "--tokens", "200")
+    assert_one_line_error(result, f"data for 'el' is neither at {(moved / '../data/el.txt').resolve()} (stored relative to "
+                                  f"the work dir as ../data/el.txt) nor at {greek.resolve()}")

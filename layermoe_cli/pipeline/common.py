@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from layermoe_cli.console import err_console
 from layermoe_cli.errors import LayermoeError
-from layermoe_cli.manifest import Generation, Manifest, StepStatus
+from layermoe_cli.manifest import DataSourceRecord, Generation, Manifest, StepStatus
 from layermoe_cli.workdir import Workdir
 
 
@@ -90,6 +90,8 @@ def load_base(workdir: Workdir, manifest: Manifest, device: str = "cpu", dtype=N
     spec = {"hub": base.hub_id, "demo": "demo"}.get(base.kind) or str(workdir.resolve(base.path))
     if base.kind in ("local", "gguf") and not Path(spec).exists():
         if base.absolute_path and Path(base.absolute_path).exists():
+            _note_once(f"the base model is not at {spec} (stored relative to the work dir as {base.path}); "
+                       f"using the absolute path {base.absolute_path} recorded with it")
             spec = base.absolute_path  # the work dir moved but the model did not
         else:
             raise LayermoeError(
@@ -129,13 +131,43 @@ def documents_for_tokens(tokens: int | None) -> int | None:
     return None if tokens is None else max(1000, tokens // 20)
 
 
+_said: set[str] = set()  # fallback notes already printed by this process
+
+
+def _note_once(text: str) -> None:
+    if text not in _said:
+        _said.add(text)
+        err_console.print(f"[yellow]note:[/] {text}", soft_wrap=True, highlight=False)
+
+
+def resolve_data_spec(workdir: Workdir, source: DataSourceRecord, language: str | None = None) -> str:
+    """The spec to read a recorded data source with.
+
+    builtin and hf: sources as recorded. A file or folder: its path relative to the work dir
+    (so a work dir copied together with its data keeps working), else the absolute path
+    recorded beside it (a work dir moved without its data); which one is used is said once.
+    """
+    if source.kind in ("builtin", "hf"):
+        return source.spec
+    relative = workdir.resolve(source.spec)
+    if relative.exists():
+        return str(relative)
+    what = f"data for {language!r}" if language else "a data source"
+    if source.absolute_path and Path(source.absolute_path).exists():
+        _note_once(f"{what}: {source.spec} is not there from {workdir.root}; using the absolute path "
+                   f"{source.absolute_path} recorded with it")
+        return source.absolute_path
+    where = f"is not at {relative} (stored relative to the work dir as {source.spec})"
+    if source.absolute_path:
+        where = f"is neither at {relative} (stored relative to the work dir as {source.spec}) nor at {source.absolute_path}"
+    raise LayermoeError(f"{what} {where}: put it back, or give it again with --data {language or 'LANG'}=PATH")
+
+
 def texts_for(workdir: Workdir, generation: Generation, language: str, split: str, limit: int | None = None) -> list[str]:
     """Documents of one language from the data source recorded for it (train or held-out side), at most `limit`."""
     from layermoe_cli.data import load_texts
 
     source = generation.data[language]
-    spec = source.spec
-    if source.kind not in ("builtin", "hf"):
-        spec = str(workdir.resolve(spec))
+    spec = resolve_data_spec(workdir, source, language)
     return load_texts(language, spec, split=split, limit=limit, cache_dir=workdir.cache_dir / "datasets",
                       text_field=source.text_field)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from rich.table import Table
 
@@ -37,9 +38,10 @@ def describe_data(workdir: Workdir, languages: list[str], data_args: list[str], 
             continue
         spec = given.get(language, "builtin")
         info = describe_source(language, spec, text_field=text_field)
-        if info["kind"] not in ("builtin", "hf"):
-            spec = workdir.rel(spec)
-        records[language] = DataSourceRecord(spec=spec, kind=info["kind"], sha256=info["sha256"],
+        absolute = None
+        if info["kind"] not in ("builtin", "hf"):  # a path: stored both ways, as the base model is
+            spec, absolute = workdir.rel(spec), str(Path(spec).resolve())
+        records[language] = DataSourceRecord(spec=spec, absolute_path=absolute, kind=info["kind"], sha256=info["sha256"],
                                              documents=info.get("num_documents"), text_field=text_field)
     return records
 
