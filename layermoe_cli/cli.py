@@ -124,8 +124,8 @@ def allocate(
 def expand(
     ctx: typer.Context,
     budget: Optional[int] = typer.Option(None, "--budget", help="Run `allocate --budget` first when there is no allocation yet."),
-    top_k: int = typer.Option(2, "--top-k", help="Experts per token."),
-    classifier_granularity: str = typer.Option("token", help="token (the paper) | sequence (the authors' code)"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Experts per token (default 2; set when G1 is expanded, kept by later generations)."),
+    classifier_granularity: Optional[str] = typer.Option(None, help="token (the paper, default) | sequence (a causal running mean over the document; G1 only)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     force: bool = typer.Option(False, "--force"),
 ) -> None:

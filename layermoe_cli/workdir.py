@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from layermoe_cli.errors import LayermoeError
-from layermoe_cli.manifest import Manifest, StepRecord, StepStatus, parse_manifest, utc_now
+from layermoe_cli.manifest import Manifest, StepRecord, StepStatus, describe_steps, parse_manifest, utc_now
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".layermoe.lock"
@@ -301,6 +301,10 @@ def run_step(workdir: Workdir, manifest: Manifest, record: StepRecord, label: st
         raise StepAlreadyDone(f"{label} is done already (use --force to redo it)")
     if record.status == StepStatus.running and on_stale is not None:
         on_stale(record)
+    # Whatever was built on this step's old outputs is out of date from now on (the outputs
+    # themselves stay until the new ones replace them); bad input rolls this back with the manifest.
+    where = manifest.locate(record)
+    stale = manifest.invalidate_dependents(*where) if where is not None else []
     record.status = StepStatus.running
     record.config = config
     record.started_at, record.finished_at = utc_now(), None
@@ -315,10 +319,21 @@ def run_step(workdir: Workdir, manifest: Manifest, record: StepRecord, label: st
         record.error = f"{type(e).__name__}: {e}".splitlines()[0][:500] if str(e) else type(e).__name__
         record.finished_at = utc_now()
         workdir.save(manifest)
+        _say_stale(label, stale)
         raise
     record.status = StepStatus.done
     record.finished_at = utc_now()
     workdir.save(manifest)
+    _say_stale(label, stale)
+
+
+def _say_stale(label: str, stale: list[tuple[int, str]]) -> None:
+    if stale:
+        from layermoe_cli.console import err_console
+
+        err_console.print(f"[yellow]note:[/] {label} ran again, so {describe_steps(stale)} "
+                          f"{'is' if len(stale) == 1 else 'are'} now pending (old outputs stay until replaced)",
+                          soft_wrap=True, highlight=False)
 
 
 def require_done(record: StepRecord, what: str, command: str) -> None:

@@ -202,7 +202,7 @@ def test_forced_reallocation_marks_the_expansion_out_of_date(tmp_path, expanded)
     g1 = manifest_of(workdir).generations[1]
     assert g1.allocation.experts_per_layer == [2, 2, 2, 2]
     assert g1.expansion.status == StepStatus.pending
-    assert "run `layermoe expand --force` for the new allocation" in result.stderr
+    assert "note: allocation of G1 ran again, so expansion of G1 is now pending" in result.stderr
 
 
 def test_layerwise_before_profile_names_the_fix(tmp_path, expanded):
@@ -296,3 +296,18 @@ def test_data_files_are_found_after_the_workdir_moves_deeper(tmp_path, tiny):
     result = layermoe(moved, "profile", "--force", "--tokens", "200")
     assert_one_line_error(result, f"data for 'el' is neither at {(moved / '../data/el.txt').resolve()} (stored relative to "
                                   f"the work dir as ../data/el.txt) nor at {greek.resolve()}")
+
+
+def test_profile_again_makes_allocation_and_expansion_pending_and_keeps_their_outputs(tmp_path, expanded):
+    workdir = tmp_path / "run"
+    shutil.copytree(expanded, workdir)
+    result = layermoe(workdir, "profile", "--force", "--tokens", "1500")
+    assert result.exit_code == 0, result.output
+    g1 = manifest_of(workdir).generations[1]
+    assert g1.profile.status == StepStatus.done
+    assert (g1.allocation.status, g1.expansion.status) == (StepStatus.pending, StepStatus.pending)
+    assert (workdir / "g1" / "expanded" / "model.safetensors").is_file()  # kept until replaced
+    assert ("note: profile of G1 ran again, so allocation and expansion of G1 are now pending (old outputs stay until "
+            "replaced)") in result.stderr
+    result = layermoe(workdir, "allocate", "--budget", "10", "--classifier-layers", "1")  # no --force needed now
+    assert result.exit_code == 0, result.output

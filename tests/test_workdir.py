@@ -281,3 +281,55 @@ def test_a_bug_in_a_fresh_workdir_leaves_no_empty_workdir(tmp_path):
             workdir.save(_manifest())
             1 / 0
     assert workdir.has_manifest()
+
+
+# --- a step run again makes every step built on it out of date ---------------------------------
+
+
+def _all_done(generations=3):
+    manifest = Manifest(generations=[Generation(index=0, new_languages=["en"])] + [
+        Generation(index=g, old_languages=["en"], new_languages=[f"l{g}"]) for g in range(1, generations)])
+    for generation in manifest.generations[1:]:
+        for name in ("profile", "allocation", "expansion", "stage1", "stage2", "eval"):
+            generation.step(name).status = StepStatus.done
+    manifest.generations[0].eval.status = StepStatus.done
+    return manifest
+
+
+def _states(manifest):
+    return {(g.index, name): g.step(name).status.value for g in manifest.generations[1:]
+            for name in ("profile", "allocation", "expansion", "stage1", "stage2", "eval")}
+
+
+@pytest.mark.parametrize("generation, step, stale", [
+    (1, "stage1", {(1, "stage2"), (1, "eval")} | {(2, s) for s in ("profile", "allocation", "expansion", "stage1", "stage2", "eval")}),
+    (1, "profile", {(1, s) for s in ("allocation", "expansion", "stage1", "stage2", "eval")}
+     | {(2, s) for s in ("profile", "allocation", "expansion", "stage1", "stage2", "eval")}),
+    (2, "expansion", {(2, "stage1"), (2, "stage2"), (2, "eval")}),
+    (2, "stage2", {(2, "eval")}),
+    (1, "eval", set()),
+])
+def test_a_step_run_again_marks_every_dependent_step_pending(tmp_path, capsys, generation, step, stale):
+    workdir = Workdir(tmp_path)
+    manifest = _all_done()
+    record = manifest.generations[generation].step(step)
+    label = f"{step} of G{generation}"
+    with run_step(workdir, manifest, record, label, {}, force=True):
+        pass
+    states = _states(workdir.load())
+    assert {key for key, state in states.items() if state == "pending"} == stale
+    assert manifest.generations[0].eval.status == StepStatus.done  # the base model's figures stand
+    notes = [line for line in capsys.readouterr().err.splitlines() if "now pending" in line]
+    assert len(notes) == (1 if stale else 0), notes
+    if stale:
+        assert notes[0].startswith(f"note: {label} ran again, so ")
+        assert notes[0].endswith(f"{'is' if len(stale) == 1 else 'are'} now pending (old outputs stay until replaced)")
+
+
+def test_the_step_graph_is_one_table():
+    from layermoe_cli.manifest import MODEL_STEPS, STEP_INPUTS, STEP_NAMES
+
+    assert STEP_NAMES == tuple(STEP_INPUTS)
+    assert set(MODEL_STEPS) <= set(STEP_NAMES)
+    for name, inputs in STEP_INPUTS.items():  # inputs come before the step
+        assert all(STEP_NAMES.index(i) < STEP_NAMES.index(name) for i in inputs)

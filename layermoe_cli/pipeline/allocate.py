@@ -44,7 +44,6 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
 
     config = dict(budget=budget, strategy=strategy, classifier_layers=k, rounding=rounding, max_per_layer=max_per_layer, seed=seed)
     with run_step(workdir, manifest, generation.allocation, f"allocation of G{generation.index}", config, force) as record:
-        _invalidate_later_steps(generation)
         similarity = generation.profile.similarity if profiled else None
         result = alloc.allocate(strategy, num_layers, budget, similarity, rounding=rounding,
                                 max_per_layer=max_per_layer, seed=seed)
@@ -72,16 +71,6 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
         console.print(allocation_table(manifest, generation))
         if overshoot:
             err_console.print(f"[yellow]note:[/] literal ceil (Eq. 10) gives Σ N^i = {sum(experts)}, {overshoot} over δ = {budget}", soft_wrap=True)
-
-
-def _invalidate_later_steps(generation: Generation) -> None:
-    """A new allocation makes the expanded model (and all that was trained from it) out of date."""
-    stale = [name for name in ("expansion", "stage1", "stage2", "eval") if generation.step(name).status != StepStatus.pending]
-    for name in stale:
-        generation.step(name).status = StepStatus.pending
-    if stale:
-        err_console.print(f"[yellow]note:[/] {', '.join(stale)} of G{generation.index} now pending: "
-                          "run `layermoe expand --force` for the new allocation", soft_wrap=True)
 
 
 def allocation_table(manifest: Manifest, generation: Generation) -> Table:

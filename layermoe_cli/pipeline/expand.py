@@ -23,8 +23,8 @@ PRESERVATION_BUG = 1e-3
 CHECKPOINT_DIR = "expanded"
 
 
-def run_expand(workdir: Workdir, *, budget=None, top_k=2, classifier_granularity="token", device="auto", force=False,
-               router_init=None, classifier="binary") -> None:
+def run_expand(workdir: Workdir, *, budget=None, top_k=None, classifier_granularity=None, device="auto", force=False,
+               router_init=None, classifier=None) -> None:
     with session(workdir):
         manifest = workdir.load()
         expand_generation(workdir, manifest, manifest.current, budget=budget, top_k=top_k,
@@ -32,9 +32,30 @@ def run_expand(workdir: Workdir, *, budget=None, top_k=2, classifier_granularity
                           router_init=router_init, classifier=classifier)
 
 
-def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generation, *, budget=None, top_k=2,
-                      classifier_granularity="token", device="auto", force=False, router_init=None,
-                      classifier="binary") -> None:
+DEFAULT_TOP_K = 2
+
+
+def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generation, *, budget=None, top_k=None,
+                      classifier_granularity=None, device="auto", force=False, router_init=None,
+                      classifier=None) -> None:
+    """Expand `generation`. G1 upcycles the base model with `top_k` and `classifier_granularity`;
+    G2 and later extend the previous model, whose top-k and granularity they keep (giving others
+    is refused), with `router_init` and `classifier` (default: what this generation used before)."""
+    if generation.index == 1:
+        top_k = DEFAULT_TOP_K if top_k is None else top_k
+        classifier_granularity = classifier_granularity or "token"
+    else:
+        first = manifest.generations[1].expansion.config
+        kept = {"top-k": (top_k, first.get("top_k", DEFAULT_TOP_K)),
+                "classifier-granularity": (classifier_granularity, first.get("classifier_granularity", "token"))}
+        for option, (given, model_value) in kept.items():
+            if given is not None and given != model_value:
+                raise LayermoeError(f"--{option} {given}: the {option} is chosen when G1 is expanded, and G{generation.index} "
+                                    f"keeps that of the model it extends ({model_value}): drop --{option}")
+        top_k, classifier_granularity = kept["top-k"][1], kept["classifier-granularity"][1]
+        recorded = generation.expansion.config
+        router_init = router_init or recorded.get("router_init")
+        classifier = classifier or recorded.get("classifier") or "generation"
     if top_k < 1:
         raise LayermoeError(f"--top-k must be at least 1, not {top_k}")
     if classifier_granularity not in ("token", "sequence"):
