@@ -307,7 +307,7 @@ def test_profile_again_makes_allocation_and_expansion_pending_and_keeps_their_ou
     assert g1.profile.status == StepStatus.done
     assert (g1.allocation.status, g1.expansion.status) == (StepStatus.pending, StepStatus.pending)
     assert (workdir / "g1" / "expanded" / "model.safetensors").is_file()  # kept until replaced
-    assert ("note: profile of G1 ran again, so allocation and expansion of G1 are now pending (old outputs stay until "
-            "replaced)") in result.stderr
+    assert "note: profile of G1 ran again, so allocation, expansion" in result.stderr  # (and eval, if an earlier test ran it)
+    assert "now pending (old outputs stay until replaced)" in result.stderr
     result = layermoe(workdir, "allocate", "--budget", "10", "--classifier-layers", "1")  # no --force needed now
     assert result.exit_code == 0, result.output
