@@ -35,8 +35,15 @@ def _global(
     workdir: Path = typer.Option(
         Path("layermoe-run"), "--workdir", "-w", envvar="LAYERMOE_WORKDIR", help="Work dir holding manifest.json and all outputs."
     ),
+    no_verify: bool = typer.Option(
+        False, "--no-verify", envvar="LAYERMOE_NO_VERIFY",
+        help="Read models and checkpoints without checking them against the sha256 recorded when they were written (a warning says so).",
+    ),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
+    from layermoe_cli.integrity import set_verification
+
+    set_verification(not no_verify)
     ctx.obj = Workdir(workdir)
 
 

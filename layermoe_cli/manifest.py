@@ -80,6 +80,14 @@ class StepRecord(_Record):
     error: str | None = None
 
 
+class FileChecksum(_Record):
+    """One file a step wrote, as it was written (see integrity.py)."""
+
+    sha256: str
+    size: int | None = None
+    tensors: dict[str, str] = Field(default_factory=dict)  # safetensors: tensor -> short digest of its bytes
+
+
 class ProfileRecord(StepRecord):
     languages: list[str] = Field(default_factory=list)
     similarity: list[float] | None = None  # S^i per layer (Eq. 9)
@@ -104,6 +112,7 @@ class AllocationRecord(StepRecord):
 
 class ExpansionRecord(StepRecord):
     checkpoint: str | None = None
+    checkpoint_files: dict[str, FileChecksum] = Field(default_factory=dict)  # verified whenever the model is read
     max_abs_logit_diff: float | None = None
     total_parameters: int | None = None
     active_parameters: int | None = None
@@ -112,6 +121,7 @@ class ExpansionRecord(StepRecord):
 
 class TrainRecord(StepRecord):
     checkpoint: str | None = None
+    checkpoint_files: dict[str, FileChecksum] = Field(default_factory=dict)  # verified whenever the model is read
     steps: int | None = None
     tokens_seen: int | None = None
     final_losses: dict[str, float] = Field(default_factory=dict)
@@ -173,7 +183,8 @@ class BaseModelRecord(_Record):
     hub_id: str | None = None
     revision: str | None = None
     gguf_file: str | None = None
-    sha256: dict[str, str] = Field(default_factory=dict)
+    sha256: dict[str, str] = Field(default_factory=dict)  # weight file -> sha256, verified whenever the base is loaded
+    tensor_sha256: dict[str, dict[str, str]] = Field(default_factory=dict)  # safetensors file -> tensor -> short digest
     model_type: str | None = None
     num_layers: int | None = None
     hidden_size: int | None = None

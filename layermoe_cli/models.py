@@ -166,6 +166,23 @@ def file_sha256(path: str | Path) -> str:
     return _sha_memo[key]
 
 
+def remember_sha256(path: str | Path, digest: str) -> None:
+    """Record a digest computed elsewhere (e.g. while writing the file), so `file_sha256` needs no second pass."""
+    path = Path(path)
+    stat = path.stat()
+    _sha_memo[(str(path.resolve()), stat.st_size, stat.st_mtime_ns)] = digest
+
+
+def check_readable_weights(directory: str | Path, fix: str = "restore it, or run the step that wrote it again with --force") -> None:
+    """One line (not a loader's traceback) if a safetensors file of `directory` is truncated or its header corrupt."""
+    from layermoe_cli.integrity import safetensors_problem
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem is not None:
+            raise LayermoeError(f"{path} {problem}: {fix}")
+
+
 def _weight_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
@@ -236,6 +253,8 @@ def _load_pretrained(where: str | Path, model_type: str, dtype, **kwargs):
         from layermoe_cli.modeling import register_auto_classes
 
         register_auto_classes()
+    if Path(where).is_dir():
+        check_readable_weights(where)
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     return model, tokenizer

@@ -253,6 +253,9 @@ def load_layermoe(directory, device=None, dtype=None) -> LayermoeForCausalLM:
     model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
     if model_type != "layermoe":
         raise LayermoeError(f"{directory} holds a {model_type!r} model, not a layermoe one; run the expand step first")
+    from layermoe_cli.models import check_readable_weights
+
+    check_readable_weights(directory)  # a truncated file: one line, not the loader's traceback
     kwargs = {}
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -11,7 +11,7 @@ from rich.table import Table
 from layermoe_cli.console import console, err_console
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import Generation, Manifest, StepStatus
-from layermoe_cli.pipeline.common import load_generation_model, resolve_device, texts_for
+from layermoe_cli.pipeline.common import load_generation_model, record_checkpoint, resolve_device, texts_for
 from layermoe_cli.workdir import Workdir, fsync_dir, run_step, session
 
 # Logits of the expanded model must equal the base model's this closely (fp32). Copies of
@@ -129,7 +129,7 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
     total = sum(p.numel() for p in model.parameters())
     per_expert = 3 * base.hidden_size * base.intermediate_size
     idle = sum(max(0, n - min(top_k, n)) for n in model.config.experts_per_layer) * per_expert
-    record.checkpoint = workdir.rel(out)
+    record_checkpoint(workdir, record, out)  # sha256 of every file, verified whenever the model is read
     record.max_abs_logit_diff = diff
     record.total_parameters, record.active_parameters = total, total - idle
     record.added_parameters = total - base.num_parameters if base.num_parameters else None

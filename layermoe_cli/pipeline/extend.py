@@ -13,7 +13,14 @@ from layermoe_cli.console import console, err_console
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import Generation, Manifest, StepStatus
 from layermoe_cli.pipeline.allocate import allocate_generation
-from layermoe_cli.pipeline.common import documents_for_tokens, latest_checkpoint, load_checkpoint, resolve_device, texts_for, token_progress
+from layermoe_cli.pipeline.common import (
+    documents_for_tokens,
+    latest_checkpoint,
+    load_recorded_checkpoint,
+    resolve_device,
+    texts_for,
+    token_progress,
+)
 from layermoe_cli.pipeline.expand import expand_generation
 from layermoe_cli.pipeline.profile import profile_generation
 from layermoe_cli.workdir import StepAlreadyDone, Workdir, session
@@ -93,7 +100,7 @@ def measure_drift(workdir: Workdir, manifest: Manifest, generation: Generation, 
              for lang in generation.old_languages}
     figures = {}
     for label, checkpoint in (("before", latest_checkpoint(previous)), ("after", generation.expansion.checkpoint)):
-        model, tokenizer = load_checkpoint(workdir.resolve(checkpoint), device=device)
+        model, tokenizer = load_recorded_checkpoint(workdir, manifest, checkpoint, device=device)
         with token_progress(f"bpb {label} extension") as update:
             figures[label] = {lang: r.bpb for lang, r in evaluate_languages(model, tokenizer, texts, max_tokens=max_tokens,
                                                                             device=device, progress=update).items()}

@@ -70,12 +70,22 @@ def new_manifest(workdir: Workdir, model: str | None, old: list[str], new: list[
         hub_id=source.hub_id,
         revision=source.revision,
         gguf_file=source.gguf_file,
+        tensor_sha256=_base_tensor_digests(source),  # first: it leaves the files' sha256 memoised for the next line
         sha256=weights_sha256(source) if kind != "hub" else {},
     )
     return Manifest(
         base_model=base,
         generations=[Generation(index=0, new_languages=old), Generation(index=1, old_languages=old, new_languages=new)],
     )
+
+
+def _base_tensor_digests(source) -> dict[str, dict[str, str]]:
+    """Per-tensor digests of a local base model's safetensors files (they name a tensor that changes later)."""
+    from layermoe_cli.integrity import safetensors_checksums
+
+    if source.kind != "local":
+        return {}
+    return {path.name: safetensors_checksums(path)[1] for path in sorted(source.path.glob("*.safetensors"))}
 
 
 def peek_model_type(source) -> str | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from layermoe_cli.console import err_console
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import Generation, Manifest, StepStatus
-from layermoe_cli.pipeline.common import texts_for
+from layermoe_cli.pipeline.common import record_checkpoint, texts_for, verify_checkpoint
 from layermoe_cli.workdir import Workdir, require_done, run_step, session
 
 
@@ -29,6 +29,7 @@ def run_train(workdir: Workdir, *, stage: int, recipe=None, overrides=None, forc
         generation = manifest.current
         if generation.step(f"stage{stage}").status == StepStatus.done and not force:
             return
+        _verify_source(workdir, manifest, generation, stage)
         _train(workdir, manifest, generation, stage, config)
         return
     with session(workdir):
@@ -42,6 +43,8 @@ def train_generation(workdir: Workdir, manifest: Manifest, generation: Generatio
     else:
         require_done(generation.stage1, f"stage 1 of G{generation.index}", "layermoe train --stage 1")
     record = generation.step(f"stage{stage}")
+    if record.status != StepStatus.done or force:
+        _verify_source(workdir, manifest, generation, stage)  # before --force clears anything
 
     def stale(previous):
         err_console.print(f"stage {stage} of G{generation.index} was left running by pid {previous.pid} on {previous.host}: "
@@ -52,7 +55,7 @@ def train_generation(workdir: Workdir, manifest: Manifest, generation: Generatio
         if force:  # redo from scratch; without --force a stale run resumes from its checkpoints
             _clear_checkpoints(workdir, generation, stage)
         result = _train(workdir, manifest, generation, stage, config)
-        rec.checkpoint = workdir.rel(_output_dir(workdir, generation, stage))
+        record_checkpoint(workdir, rec, _output_dir(workdir, generation, stage))
         rec.steps, rec.tokens_seen = result.steps, result.tokens_seen
         rec.final_losses = dict(result.final_losses)
         rec.frozen_checksums = dict(result.frozen_checksums)
@@ -60,6 +63,15 @@ def train_generation(workdir: Workdir, manifest: Manifest, generation: Generatio
         rec.outputs = {"checkpoint": rec.checkpoint, "log": workdir.rel(run_dir / "train_log.jsonl")}
         rec.metrics = {key: value for key, value in result.to_dict().items()
                        if key in ("trainable_groups", "trainable_parameters", "frozen_parameters", "resumed_from_step", "data")}
+
+
+def _source(generation: Generation, stage: int) -> str:
+    """The model a stage starts from: the expansion (stage 1) or stage 1's output (stage 2)."""
+    return generation.expansion.checkpoint if stage == 1 else generation.stage1.checkpoint
+
+
+def _verify_source(workdir: Workdir, manifest: Manifest, generation: Generation, stage: int) -> None:
+    verify_checkpoint(workdir, manifest, _source(generation, stage))
 
 
 def _output_dir(workdir: Workdir, generation: Generation, stage: int) -> Path:
@@ -79,7 +91,7 @@ def _clear_checkpoints(workdir, generation, stage) -> None:
 def _train(workdir: Workdir, manifest: Manifest, generation: Generation, stage: int, config):
     from layermoe_cli.training import train_stage
 
-    source = generation.expansion.checkpoint if stage == 1 else generation.stage1.checkpoint
+    source = _source(generation, stage)
     languages = generation.new_languages if stage == 1 else generation.languages
     texts = {lang: texts_for(workdir, generation, lang, "train") for lang in languages}
     empty = [lang for lang, docs in texts.items() if not docs]

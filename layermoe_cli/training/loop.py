@@ -362,6 +362,7 @@ def train_stage(
                 f"{ckpt_root} holds checkpoints of a different run (model, data, settings or process count differ); "
                 "use a fresh work dir or delete that folder"
             )
+        ckpt.verify_checkpoint_files(last, state)
         if _sharded(accelerator):
             accelerator.load_state(str(last / "accelerate"))
         else:
@@ -393,12 +394,13 @@ def train_stage(
         torch.save(ckpt.rng_state(), stage_dir / f"rng-rank{rank}.pt")
         if main:
             torch.save(scheduler.state_dict(), stage_dir / "scheduler.pt")
+        accelerator.wait_for_everyone()
+        if main:  # every rank's files are written: record them, verified when a run resumes from here
             ckpt.write_json(
                 stage_dir / "state.json",
-                {"step": step, "position": step * blocks_per_step, "tokens_seen": tokens_seen, "fingerprint": fingerprint},
+                {"step": step, "position": step * blocks_per_step, "tokens_seen": tokens_seen, "fingerprint": fingerprint,
+                 "files": ckpt.checkpoint_files(stage_dir)},
             )
-        accelerator.wait_for_everyone()
-        if main:
             ckpt.publish(ckpt_root, step, config.keep_checkpoints)
         accelerator.wait_for_everyone()
 
