@@ -145,7 +145,7 @@ def expand(
 @app.command(epilog="Example: layermoe train --stage 1 --max-steps 1000 && layermoe train --stage 2")
 def train(
     ctx: typer.Context,
-    stage: int = typer.Option(..., "--stage", min=1, max=2, help="1: new experts learn the new languages; 2: routers learn to protect old ones."),
+    stage: int = typer.Option(..., "--stage", help="1: new experts learn the new languages; 2: routers learn to protect old ones."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML with training options (flags override it)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps"),
     token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Stop after this many training tokens."),

@@ -103,7 +103,11 @@ class Workdir:
                 f"no layermoe manifest in {self.root}: start with `layermoe profile --model M --old L --new L` "
                 "(or pass --workdir)"
             )
-        return parse_manifest(self.manifest_path.read_text(encoding="utf-8"), str(self.manifest_path))
+        manifest = parse_manifest(self.manifest_path.read_text(encoding="utf-8"), str(self.manifest_path))
+        if manifest.base_model is None:
+            raise LayermoeError(f"{self.manifest_path} records no base model: restore it from a backup or start a new "
+                                "work dir with `layermoe profile --model M ...`")
+        return manifest
 
     def save(self, manifest: Manifest) -> None:
         manifest.updated_at = utc_now()

@@ -135,11 +135,12 @@ def test_moved_workdir_continues(expanded, tmp_path):
 # --- bad input: one line, exit code 2, the work dir as it was ------------------------------
 
 
-def assert_one_line_error(result, message: str):
+def assert_one_line_error(result, message: str) -> str:
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert message in lines[0], lines[0]
+    return lines[0]
 
 
 @pytest.mark.parametrize(
@@ -311,3 +312,90 @@ def test_profile_again_makes_allocation_and_expansion_pending_and_keeps_their_ou
     assert "now pending (old outputs stay until replaced)" in result.stderr
     result = layermoe(workdir, "allocate", "--budget", "10", "--classifier-layers", "1")  # no --force needed now
     assert result.exit_code == 0, result.output
+
+
+# --- issue 10, items 8-9: each bad input is one line, exit 2, the work dir unchanged --------------
+
+
+def test_a_config_json_that_is_not_json_and_a_truncated_gguf(tmp_path, tiny):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    (broken / "config.json").write_text("{not json")
+    result = layermoe(tmp_path / "run", "profile", "--model", str(broken), "--old", "en", "--new", "el")
+    assert_one_line_error(result, f"cannot read {broken / 'config.json'}")
+    gguf = tmp_path / "cut.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00\x01\x00")
+    result = layermoe(tmp_path / "run", "profile", "--model", str(gguf), "--old", "en", "--new", "el")
+    assert_one_line_error(result, f"{gguf} is truncated or not a GGUF file")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_train_recipe_yaml_stage_3_and_a_manifest_without_base_model(tmp_path, expanded):
+    workdir = tmp_path / "run"
+    shutil.copytree(expanded, workdir)
+    before = snapshot(workdir)
+    bad = tmp_path / "train.yaml"
+    bad.write_text("max_steps: [1\n")
+    assert_one_line_error(layermoe(workdir, "train", "--stage", "1", "--recipe", str(bad)),
+                          f"training recipe {bad} is not valid YAML")
+    assert_one_line_error(layermoe(workdir, "train", "--stage", "3"),
+                          "--stage 3: there are two training stages, 1 (new experts learn the new languages) and 2")
+    assert snapshot(workdir) == before
+    data = json.loads((workdir / "manifest.json").read_text())
+    data["base_model"] = None
+    (workdir / "manifest.json").write_text(json.dumps(data))
+    before = snapshot(workdir)
+    assert_one_line_error(layermoe(workdir, "allocate", "--budget", "10", "--force"), "manifest.json records no base model")
+    assert snapshot(workdir) == before
+
+
+def test_an_unknown_option_in_a_recipe_step_is_refused_before_anything_runs(tmp_path, tiny):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {tiny}\ngenerations:\n  - old: [en]\n    new: [el]\n    profile: {{tokenz: 300}}\n"
+                      "    allocate: {budget: 6}\n")
+    result = layermoe(tmp_path / "run", "run", str(recipe))
+    assert_one_line_error(result, f"recipe {recipe}: `generations.0.profile` has no option 'tokenz' (it takes ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_absurd_budget_and_top_k_are_refused(tmp_path, expanded, monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(expanded, workdir)
+    before = snapshot(workdir)
+    assert_one_line_error(layermoe(workdir, "allocate", "--force", "--budget", "1000000000000"),
+                          "expert budget 1000000000000 exceeds 4 layers x 64 experts per layer = 256")
+    most = max(manifest_of(workdir).generations[1].allocation.experts_per_layer)
+    assert_one_line_error(layermoe(workdir, "expand", "--force", "--top-k", "99"),
+                          f"--top-k 99 is more than the most experts any layer has ({most})")
+    import layermoe_cli.pipeline.expand as expand_step
+
+    monkeypatch.setattr(expand_step, "available_memory", lambda device: 1000)
+    line = assert_one_line_error(layermoe(workdir, "expand", "--force"), "of memory, but only 1.0 kB are free on cpu")
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("text, documents", [("only one document\n", 1), ("x" * 7_000_000 + "\n", 1)])
+def test_data_with_fewer_than_two_documents_is_refused_at_profile(tmp_path, tiny, text, documents):
+    source = tmp_path / "el.txt"
+    source.write_text(text)
+    result = layermoe(tmp_path / "run", "profile", "--model", str(tiny), "--old", "en", "--new", "el", "--data", f"el={source}")
+    assert_one_line_error(result, f"data for 'el': {source} has {documents} document; layermoe holds some out for eval, "
+                                  "so it needs at least 2")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--router-init", "bogus"], "unknown --router-init 'bogus': use expert0, mean, zeros or normal"),
+    (["--budget", "2"], "expert budget 2 is smaller than the 4 layers"),
+    (["--drift-tokens", "0"], "--drift-tokens must be positive"),
+    (["--tokens", "0"], "--tokens must be positive"),
+    (["--strategy", "best"], "unknown allocation strategy 'best'"),
+])
+def test_extend_checks_every_argument_before_profiling(tmp_path, expanded, args, message):
+    workdir = tmp_path / "run"
+    shutil.copytree(expanded, workdir)
+    before = snapshot(workdir)
+    options = {"--budget": "6", **dict(zip(args[::2], args[1::2]))}
+    result = layermoe(workdir, "extend", "--new", "bn", *[x for kv in options.items() for x in kv])
+    assert_one_line_error(result, message)  # one line: no profile progress bar came first
+    assert snapshot(workdir) == before

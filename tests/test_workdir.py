@@ -10,7 +10,7 @@ import time
 import pytest
 
 from layermoe_cli.errors import LayermoeError
-from layermoe_cli.manifest import Generation, Manifest, StepStatus
+from layermoe_cli.manifest import BaseModelRecord, Generation, Manifest, StepStatus
 from layermoe_cli.workdir import (
     StepAlreadyDone,
     Workdir,
@@ -20,9 +20,11 @@ from layermoe_cli.workdir import (
     unchanged_on_bad_input,
 )
 
+BASE = BaseModelRecord(spec="../models/tiny", kind="local")
+
 
 def _manifest():
-    return Manifest(generations=[Generation(index=0, new_languages=["en"]),
+    return Manifest(base_model=BASE, generations=[Generation(index=0, new_languages=["en"]),
                                  Generation(index=1, old_languages=["en"], new_languages=["el"])])
 
 
@@ -146,12 +148,13 @@ def test_paths_are_stored_relative(tmp_path):
 
 _HOLDER = """
 import sys
-from layermoe_cli.manifest import Generation, Manifest
+from layermoe_cli.manifest import BaseModelRecord, Generation, Manifest
 from layermoe_cli.workdir import Workdir, session
 workdir = Workdir(sys.argv[1])
 with session(workdir):
     if not workdir.has_manifest():
-        workdir.save(Manifest(generations=[Generation(index=0, new_languages=["en"])]))
+        workdir.save(Manifest(base_model=BaseModelRecord(spec="m", kind="local"),
+                              generations=[Generation(index=0, new_languages=["en"])]))
     (workdir.root / "g1").mkdir(exist_ok=True)
     (workdir.root / "g1" / "work.bin").write_bytes(b"holder")
     print("locked", flush=True)
@@ -287,7 +290,7 @@ def test_a_bug_in_a_fresh_workdir_leaves_no_empty_workdir(tmp_path):
 
 
 def _all_done(generations=3):
-    manifest = Manifest(generations=[Generation(index=0, new_languages=["en"])] + [
+    manifest = Manifest(base_model=BASE, generations=[Generation(index=0, new_languages=["en"])] + [
         Generation(index=g, old_languages=["en"], new_languages=[f"l{g}"]) for g in range(1, generations)])
     for generation in manifest.generations[1:]:
         for name in ("profile", "allocation", "expansion", "stage1", "stage2", "eval"):

@@ -76,11 +76,61 @@ def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generati
     if out.exists() and not _is_ours(out):
         raise LayermoeError(f"{out} exists and is not a layermoe checkpoint: move it away or use another --workdir")
 
+    if generation.index == 1 and top_k > max(allocation.experts_per_layer):
+        raise LayermoeError(f"--top-k {top_k} is more than the most experts any layer has "
+                            f"({max(allocation.experts_per_layer)}): use at most that many")
     device = resolve_device(device)
+    _check_room(manifest, generation, device, out)
     config = dict(top_k=top_k, classifier_granularity=classifier_granularity, device=device, router_init=router_init,
                   classifier=classifier)
     with run_step(workdir, manifest, generation.expansion, f"expansion of G{generation.index}", config, force) as record:
         _expand(workdir, manifest, generation, record, out, top_k, classifier_granularity, device, router_init, classifier)
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for new tensors on `device` (CUDA: free device memory; CPU: available RAM)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    import psutil  # a dependency of accelerate
+
+    return int(psutil.virtual_memory().available)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def _check_room(manifest: Manifest, generation: Generation, device: str, out: Path) -> None:
+    """Refuse, before anything is allocated, an expansion that cannot fit in memory or on disk.
+
+    In float32, G1 holds the base model, its copy being upcycled and the new experts; later
+    generations extend the loaded model in place. The checkpoint is written beside the old one.
+    """
+    base = manifest.base_model
+    if not (base.num_parameters and base.hidden_size and base.intermediate_size):
+        return  # the shape is recorded by the profile; without it there is nothing to estimate
+    new_experts = sum(generation.allocation.new_experts_per_layer)
+    new = new_experts * 3 * base.hidden_size * base.intermediate_size
+    if generation.index == 1:
+        source, copies, what = base.num_parameters, 2, "the base model, its copy"
+    else:
+        source, copies, what = manifest.generations[generation.index - 1].expansion.total_parameters or 0, 1, "the model"
+    need = 4 * (copies * source + new)
+    free = available_memory(device)
+    if need > free:
+        raise LayermoeError(f"the expansion needs about {human_bytes(need)} of memory, but only {human_bytes(free)} are free "
+                            f"on {device} (float32: {what} and {new_experts:,} new experts): lower the budget")
+    disk = 4 * (source + new)
+    free_disk = shutil.disk_usage(next(parent for parent in out.parents if parent.exists())).free
+    if disk > free_disk:
+        raise LayermoeError(f"the expanded checkpoint needs about {human_bytes(disk)} of disk, but only "
+                            f"{human_bytes(free_disk)} are free under {out.parent}: free some space or lower the budget")
 
 
 def _is_ours(path: Path) -> bool:

@@ -62,7 +62,47 @@ def load_recipe(path: str | Path) -> Recipe:
         raise LayermoeError(f"recipe {path}: `{where}`: {first['msg']}")
     if not recipe.generations or not recipe.generations[0].old:
         raise LayermoeError(f"recipe {path}: the first generation needs `old:` (the base model's languages)")
+    _check_step_options(path, recipe)
     return recipe
+
+
+def _options_of(function, *given: str) -> set[str]:
+    """The keyword options of a step function that a recipe may set (not those the runner passes itself)."""
+    import inspect
+
+    parameters = inspect.signature(function).parameters
+    return {name for name, p in parameters.items() if p.kind == p.KEYWORD_ONLY} - set(given)
+
+
+def _check_step_options(path: Path, recipe: Recipe) -> None:
+    """Every option of every step names a real option of that step: checked before anything runs."""
+    from layermoe_cli.pipeline.allocate import allocate_generation
+    from layermoe_cli.pipeline.evaluate import evaluate_generation
+    from layermoe_cli.pipeline.expand import expand_generation
+    from layermoe_cli.pipeline.extend import extend_generation
+    from layermoe_cli.pipeline.profile import profile_generation
+    from layermoe_cli.training.config import load_train_config
+
+    first = {"profile": _options_of(profile_generation, "data", "device"),
+             "allocate": _options_of(allocate_generation),
+             "expand": _options_of(expand_generation, "device")}
+    later = _options_of(extend_generation, "new", "data", "device")  # profile, allocate and expand go to `extend`
+    evaluate = _options_of(evaluate_generation, "device")
+    for number, spec in enumerate(recipe.generations):
+        sections = {name: (getattr(spec, name), first[name] if number == 0 else later) for name in first}
+        sections["eval"] = (spec.eval, evaluate)
+        for name, (options, allowed) in sections.items():
+            unknown = sorted(set(options or {}) - allowed)
+            if unknown:
+                raise LayermoeError(f"recipe {path}: `generations.{number}.{name}` has no option {unknown[0]!r} "
+                                    f"(it takes {', '.join(sorted(allowed))})")
+        for stage in (1, 2):
+            options = getattr(spec, f"stage{stage}")
+            if options is not None:
+                try:
+                    load_train_config(None, stage=stage, **options)
+                except LayermoeError as e:
+                    raise LayermoeError(f"recipe {path}: `generations.{number}.stage{stage}`: {e}") from None
 
 
 def _skip_done(step, *args, **kwargs) -> None:

@@ -23,6 +23,9 @@ def _rank() -> int:
 def run_train(workdir: Workdir, *, stage: int, recipe=None, overrides=None, force=False) -> None:
     from layermoe_cli.training.config import load_train_config
 
+    if stage not in (1, 2):
+        raise LayermoeError(f"--stage {stage}: there are two training stages, 1 (new experts learn the new languages) "
+                            "and 2 (routers learn to protect the old ones)")
     config = load_train_config(recipe, stage=stage, **(overrides or {}))
     if _rank() != 0:
         manifest = workdir.load()
