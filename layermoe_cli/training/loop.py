@@ -308,10 +308,11 @@ def train_stage(
     else:
         trainable_names = freeze_for_stage(model, config.stage, current_generation)
     params = dict(model.named_parameters())
-    classifier_routing = None if dense else model.config.classifier_routing
-    if config.stage == 1 and not dense:
-        # The classifier is untrained until stage 2: let the router alone decide routing now.
-        model.set_classifier_routing(False)
+    if not dense:
+        # The classifier is trained in stage 2 only. Stage 1 trains and saves with the router alone
+        # deciding (an untrained classifier would send random new-language tokens to expert 0);
+        # stage 2 turns classifier routing on, and its output keeps it on.
+        model.set_classifier_routing(config.stage == 2)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -497,7 +498,7 @@ def train_stage(
             final.save_pretrained(output_dir, safe_serialization=True)
             tokenizer.save_pretrained(output_dir)
         else:
-            final.set_classifier_routing(classifier_routing)
+            final.set_classifier_routing(config.stage == 2)
             save_layermoe(final, output_dir, tokenizer)
     accelerator.wait_for_everyone()
 
