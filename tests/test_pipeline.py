@@ -399,3 +399,72 @@ def test_extend_checks_every_argument_before_profiling(tmp_path, expanded, args,
     result = layermoe(workdir, "extend", "--new", "bn", *[x for kv in options.items() for x in kv])
     assert_one_line_error(result, message)  # one line: no profile progress bar came first
     assert snapshot(workdir) == before
+
+
+# --- issue 10, items 11, 14, 16: allocation classifiers and the demo summary (no model needed) ----
+
+
+def _two_generations(tmp_path):
+    """A manifest whose G1 put experts (and its classifier) on layers 0 and 2, and whose G2 profile is done."""
+    from layermoe_cli.manifest import BaseModelRecord, Generation, Manifest
+
+    manifest = Manifest(
+        base_model=BaseModelRecord(spec="m", kind="local", num_layers=4, hidden_size=32, intermediate_size=64,
+                                   num_parameters=100_000),
+        generations=[Generation(index=0, new_languages=["en"]),
+                     Generation(index=1, old_languages=["en"], new_languages=["el"]),
+                     Generation(index=2, old_languages=["en", "el"], new_languages=["bn"])])
+    g1, g2 = manifest.generations[1], manifest.generations[2]
+    for step in ("profile", "allocation", "expansion"):
+        g1.step(step).status = StepStatus.done
+    g1.allocation.experts_per_layer, g1.allocation.new_experts_per_layer = [2, 1, 2, 1], [1, 0, 1, 0]
+    g1.allocation.classifier_layers = [0]
+    g2.profile.status = StepStatus.done
+    g2.profile.similarity = [0.9, 0.3, 0.8, 0.3]  # layers 0 and 2 are the most similar; G2's experts go to 1 and 3
+    workdir = Workdir(tmp_path / "run")
+    workdir.save(manifest)
+    return workdir, manifest
+
+
+def test_g2_classifiers_go_to_the_most_similar_moe_layers_of_the_extended_model(tmp_path):
+    from layermoe_cli.pipeline.allocate import allocate_generation
+
+    workdir, manifest = _two_generations(tmp_path)
+    g2 = manifest.generations[2]
+    allocate_generation(workdir, manifest, g2, budget=6, classifier_layers=2)
+    assert g2.allocation.new_experts_per_layer == [0, 1, 0, 1]
+    # every layer is MoE after G2 (0 and 2 from G1): the two most similar get the classifiers
+    assert g2.allocation.classifier_layers == [0, 2]
+
+
+def test_uniform_allocation_has_no_classifier_unless_asked(tmp_path):
+    from layermoe_cli.pipeline.allocate import allocate_generation
+
+    workdir, manifest = _two_generations(tmp_path)
+    g2 = manifest.generations[2]
+    allocate_generation(workdir, manifest, g2, budget=8, strategy="uniform")
+    assert g2.allocation.classifier_layers == []  # the MoE-LPR baseline routes by LPR alone
+    allocate_generation(workdir, manifest, g2, budget=8, strategy="uniform", classifier_layers=1, force=True)
+    assert g2.allocation.classifier_layers == [0]
+
+
+def test_demo_summary_measures_g2_forgetting_against_the_model_before_it(capsys):
+    from layermoe_cli.manifest import Generation, LanguageEval, Manifest
+    from layermoe_cli.pipeline.recipe import _demo_summary
+
+    def figures(**bpb):
+        return {lang: LanguageEval(bpb=value) for lang, value in bpb.items()}
+
+    manifest = Manifest(generations=[Generation(index=0, new_languages=["en"]),
+                                     Generation(index=1, old_languages=["en"], new_languages=["el"]),
+                                     Generation(index=2, old_languages=["en", "el"], new_languages=["bn"])])
+    manifest.generations[0].eval.languages = figures(en=1.0, el=3.0, bn=4.0)
+    manifest.generations[1].eval.languages = figures(en=1.1, el=2.0)  # G1 learned el (gain 1.0)
+    manifest.generations[2].eval.languages = figures(en=1.2, el=2.1, bn=3.0)
+    _demo_summary(manifest)
+    rows = {line.split("│")[1].strip().split(" ")[0]: line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("│ G")}
+    # G2's old languages before G2 = G1's model: (1.1 + 2.0) / 2 = 1.550 → (1.2 + 2.1) / 2 = 1.650, forgetting +0.100
+    assert "1.550 → 1.650" in rows["G2"] and "+0.100" in rows["G2"]
+    assert "1.000 → 1.100" in rows["G1"] and "+0.100" in rows["G1"]  # G1: before = the base model
+    assert "4.000 → 3.000" in rows["G2"]  # new languages: base → after

@@ -183,25 +183,39 @@ def run_demo(workdir: Workdir, compare: bool = False) -> None:
 
 
 def _demo_summary(manifest: Manifest) -> None:
+    """One row per generation. Forgetting is measured against the model before the generation (G1: the
+    base model; G2: G1's), as report.md does: against the base, G2's old languages would mix in G1's gain."""
     from rich.table import Table
 
+    from layermoe_cli.evaluation import forgetting_and_gain
+
     table = Table(title="demo summary: held-out bits per byte (lower is better)", title_justify="left")
-    for column in ("generation", "new experts", "Old-avg before → after", "New-avg before → after"):
+    for column in ("generation", "new experts", "Old-avg before → after", "forgetting", "New-avg base → after", "gain"):
         table.add_column(column, justify="left" if column == "generation" else "right")
+    known = manifest.generation_of_language()
     base = {lang: r.bpb for lang, r in manifest.generations[0].eval.languages.items()}
+    before = base  # the model before the generation
     for generation in manifest.generations[1:]:
         figures = {lang: r.bpb for lang, r in generation.eval.languages.items()}
-        old = [lang for lang in generation.old_languages if lang in figures and lang in base]
+        old = [lang for lang in generation.old_languages if lang in figures and lang in before]
         new = [lang for lang in generation.new_languages if lang in figures and lang in base]
 
         def avg(values):
             return sum(values) / len(values) if values else float("nan")
 
+        def signed(value):
+            return "—" if value is None else f"{round(value, 3) + 0.0:+.3f}"
+
+        forgetting = forgetting_and_gain(figures, before, known, generation.index)["forgetting"] if figures else None
+        gain = forgetting_and_gain(figures, base, known, generation.index)["gain"] if figures else None
         table.add_row(
             f"G{generation.index} (+{', '.join(generation.new_languages)})",
             str(sum(generation.allocation.new_experts_per_layer or [])),
-            f"{avg([base[x] for x in old]):.3f} → {avg([figures[x] for x in old]):.3f}",
+            f"{avg([before[x] for x in old]):.3f} → {avg([figures[x] for x in old]):.3f}",
+            signed(forgetting),
             f"{avg([base[x] for x in new]):.3f} → {avg([figures[x] for x in new]):.3f}",
+            signed(gain),
         )
+        before = figures or before
     console.print(table)
     console.print("report: report.md in the work dir")
