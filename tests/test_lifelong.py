@@ -194,6 +194,8 @@ def test_expand_again_on_g2_keeps_its_settings_and_refuses_another_top_k(chain, 
     again = layermoe(workdir, "expand", "--force", "--top-k", "2")
     config = json.loads((workdir / "g2" / "expanded" / "config.json").read_text())
     assert config["classifier_classes"] == 3  # extend's lifelong classifier, not `expand`'s binary default
-    assert "stage1, stage2 and eval of G2 are now pending" in again.stderr or "stage1 and stage2 of G2 are now pending" in again.stderr
+    # the tokenizer of the prepared data is the expansion's: both prepare steps are built on it too
+    assert "prepare1, stage1, prepare2, stage2 and eval of G2 are now pending" in again.stderr or \
+        "prepare1, stage1, prepare2 and stage2 of G2 are now pending" in again.stderr
     g2 = Workdir(workdir).load().generations[2]
     assert g2.stage1.status == g2.stage2.status == StepStatus.pending
