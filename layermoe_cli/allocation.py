@@ -17,6 +17,10 @@ from layermoe_cli.errors import LayermoeError
 STRATEGIES = ("layerwise", "uniform", "random")
 ROUNDINGS = ("exact", "ceil")
 CLASSIFIER_FRACTION_TENTHS = 3  # default K = round(0.3 x layers): 7 of 24 as in the paper
+# Experts in one layer (expert 0 included) unless --max-per-layer says otherwise: 8x the paper's
+# largest lifelong total (10), far past any useful setting, and small enough that a mistyped
+# budget (1e12) is refused here instead of asking `expand` for petabytes.
+DEFAULT_MAX_PER_LAYER = 64
 CEIL_TOLERANCE = 1e-9  # a share within this of an integer is that integer (float noise is not a new expert)
 
 
@@ -53,14 +57,15 @@ def validate_budget(
             f"expert budget {budget} is smaller than the {num_layers} layers: every layer keeps expert 0, "
             f"so the budget must be at least {num_layers}"
         )
-    if max_per_layer is not None:
-        if max_per_layer < 1:
-            raise LayermoeError(f"max experts per layer must be at least 1, got {max_per_layer}")
-        if budget > num_layers * max_per_layer:
-            raise LayermoeError(
-                f"expert budget {budget} exceeds {num_layers} layers x {max_per_layer} experts per layer "
-                f"= {num_layers * max_per_layer}: lower the budget or raise the per-layer maximum"
-            )
+    if max_per_layer is not None and max_per_layer < 1:
+        raise LayermoeError(f"max experts per layer must be at least 1, got {max_per_layer}")
+    cap = DEFAULT_MAX_PER_LAYER if max_per_layer is None else max_per_layer
+    if budget > num_layers * cap:
+        raise LayermoeError(
+            f"expert budget {budget} exceeds {num_layers} layers x {cap} experts per layer "
+            f"= {num_layers * cap}: lower the budget or raise the per-layer maximum"
+            + (" (--max-per-layer; the default is {})".format(DEFAULT_MAX_PER_LAYER) if max_per_layer is None else "")
+        )
     if k is not None and not 0 <= k <= num_layers:
         raise LayermoeError(f"classifier layers k={k} is outside 0..{num_layers} (the model has {num_layers} layers)")
 
@@ -152,7 +157,7 @@ def allocate_layerwise(
             )
         return Allocation(counts, max(0, sum(counts) - budget))
 
-    cap = max_per_layer if max_per_layer is not None else budget - len(s) + 1
+    cap = max_per_layer if max_per_layer is not None else min(DEFAULT_MAX_PER_LAYER, budget - len(s) + 1)
     shares = _clamped_shares(1.0 / s, budget, cap)
     floors = np.floor(shares).astype(int)
     remainder = budget - int(floors.sum())
@@ -181,7 +186,7 @@ def allocate_uniform(num_layers: int, budget: int) -> Allocation:
 def allocate_random(num_layers: int, budget: int, seed: int, max_per_layer: int | None = None) -> Allocation:
     """Random counts with the same total (ablation baseline): each layer >= 1 and <= max, seeded."""
     validate_budget(num_layers, budget, max_per_layer)
-    cap = max_per_layer if max_per_layer is not None else budget
+    cap = max_per_layer if max_per_layer is not None else min(DEFAULT_MAX_PER_LAYER, budget)
     rng = np.random.default_rng(seed)
     counts = np.ones(num_layers, dtype=int)
     for _ in range(budget - num_layers):  # one expert at a time to a random layer with room

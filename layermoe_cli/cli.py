@@ -35,8 +35,15 @@ def _global(
     workdir: Path = typer.Option(
         Path("layermoe-run"), "--workdir", "-w", envvar="LAYERMOE_WORKDIR", help="Work dir holding manifest.json and all outputs."
     ),
+    no_verify: bool = typer.Option(
+        False, "--no-verify", envvar="LAYERMOE_NO_VERIFY",
+        help="Read models and checkpoints without checking them against the sha256 recorded when they were written (a warning says so).",
+    ),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
+    from layermoe_cli.integrity import set_verification
+
+    set_verification(not no_verify)
     ctx.obj = Workdir(workdir)
 
 
@@ -124,8 +131,8 @@ def allocate(
 def expand(
     ctx: typer.Context,
     budget: Optional[int] = typer.Option(None, "--budget", help="Run `allocate --budget` first when there is no allocation yet."),
-    top_k: int = typer.Option(2, "--top-k", help="Experts per token."),
-    classifier_granularity: str = typer.Option("token", help="token (the paper) | sequence (the authors' code)"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Experts per token (default 2; set when G1 is expanded, kept by later generations)."),
+    classifier_granularity: Optional[str] = typer.Option(None, help="token (the paper, default) | sequence (a causal running mean over the document; G1 only)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     force: bool = typer.Option(False, "--force"),
 ) -> None:
@@ -162,7 +169,7 @@ def prepare(
 @app.command(epilog="Example: layermoe train --stage 1 --max-steps 1000 && layermoe train --stage 2")
 def train(
     ctx: typer.Context,
-    stage: int = typer.Option(..., "--stage", min=1, max=2, help="1: new experts learn the new languages; 2: routers learn to protect old ones."),
+    stage: int = typer.Option(..., "--stage", help="1: new experts learn the new languages; 2: routers learn to protect old ones."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML with training options (flags override it)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps"),
     token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Stop after this many training tokens."),

@@ -22,7 +22,36 @@ from layermoe_cli.errors import LayermoeError
 
 SCHEMA_VERSION = 2
 
-STEP_NAMES = ("profile", "allocation", "expansion", "prepare1", "stage1", "prepare2", "stage2", "eval")
+# The step graph, in one place. Each step of a generation, in running order, with the steps of
+# the same generation whose outputs it is built on; the steps that make a model (MODEL_STEPS)
+# are also what every step of the next generations is built on. A new step is one line here
+# (plus its record field on `Generation`).
+STEP_INPUTS: dict[str, tuple[str, ...]] = {
+    "profile": (),
+    "allocation": ("profile",),
+    "expansion": ("allocation",),
+    "prepare1": ("expansion",),  # the tokenizer is the expanded checkpoint's; sources come with the profile
+    "stage1": ("expansion", "prepare1"),
+    "prepare2": ("expansion",),
+    "stage2": ("stage1", "prepare2"),
+    "eval": ("expansion", "stage1", "stage2"),  # it measures the newest model of its generation
+}
+STEP_NAMES = tuple(STEP_INPUTS)
+MODEL_STEPS = ("expansion", "stage1", "stage2")
+
+
+def describe_steps(steps: list[tuple[int, str]]) -> str:
+    """[(1, "stage2"), (1, "eval"), (2, "profile"), ...] -> "stage2 and eval of G1, and every step of G2"."""
+    groups: dict[int, list[str]] = {}
+    for index, name in steps:
+        groups.setdefault(index, []).append(name)
+
+    def listing(names: list[str]) -> str:
+        return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+    parts = [f"every step of G{index}" if set(names) == set(STEP_NAMES) else f"{listing(names)} of G{index}"
+             for index, names in groups.items()]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + ", and " + parts[-1]
 
 
 def utc_now() -> datetime:
@@ -53,6 +82,14 @@ class StepRecord(_Record):
     error: str | None = None
 
 
+class FileChecksum(_Record):
+    """One file a step wrote, as it was written (see integrity.py)."""
+
+    sha256: str
+    size: int | None = None
+    tensors: dict[str, str] = Field(default_factory=dict)  # safetensors: tensor -> short digest of its bytes
+
+
 class ProfileRecord(StepRecord):
     languages: list[str] = Field(default_factory=list)
     similarity: list[float] | None = None  # S^i per layer (Eq. 9)
@@ -77,6 +114,7 @@ class AllocationRecord(StepRecord):
 
 class ExpansionRecord(StepRecord):
     checkpoint: str | None = None
+    checkpoint_files: dict[str, FileChecksum] = Field(default_factory=dict)  # verified whenever the model is read
     max_abs_logit_diff: float | None = None
     total_parameters: int | None = None
     active_parameters: int | None = None
@@ -94,6 +132,7 @@ class PrepareRecord(StepRecord):
 
 class TrainRecord(StepRecord):
     checkpoint: str | None = None
+    checkpoint_files: dict[str, FileChecksum] = Field(default_factory=dict)  # verified whenever the model is read
     steps: int | None = None
     tokens_seen: int | None = None
     final_losses: dict[str, float] = Field(default_factory=dict)
@@ -118,6 +157,7 @@ class EvalRecord(StepRecord):
 
 class DataSourceRecord(_Record):
     spec: str  # "builtin", "hf:NAME...", or a path relative to the work dir
+    absolute_path: str | None = None  # a file source's absolute path, tried when `spec` does not resolve
     kind: str
     sha256: str
     documents: int | None = None
@@ -156,7 +196,8 @@ class BaseModelRecord(_Record):
     hub_id: str | None = None
     revision: str | None = None
     gguf_file: str | None = None
-    sha256: dict[str, str] = Field(default_factory=dict)
+    sha256: dict[str, str] = Field(default_factory=dict)  # weight file -> sha256, verified whenever the base is loaded
+    tensor_sha256: dict[str, dict[str, str]] = Field(default_factory=dict)  # safetensors file -> tensor -> short digest
     model_type: str | None = None
     num_layers: int | None = None
     hidden_size: int | None = None
@@ -178,6 +219,35 @@ class Manifest(_Record):
         if len(self.generations) < 2:
             raise LayermoeError("the manifest has no expansion generation yet: run `layermoe profile` first")
         return self.generations[-1]
+
+    def dependents(self, generation_index: int, step: str) -> list[tuple[int, str]]:
+        """Every (generation, step) built on `step` of `generation_index`, directly or not, in running order."""
+        stale = {step}
+        for name in STEP_NAMES:  # running order: a step's inputs are settled before it
+            if any(i in stale for i in STEP_INPUTS[name]):
+                stale.add(name)
+        found = [(generation_index, name) for name in STEP_NAMES if name in stale and name != step]
+        if stale & set(MODEL_STEPS):  # a new model of this generation: every later generation is built on it
+            found += [(g.index, name) for g in self.generations if g.index > generation_index for name in STEP_NAMES]
+        return found
+
+    def invalidate_dependents(self, generation_index: int, step: str) -> list[tuple[int, str]]:
+        """Mark every step built on this one pending (their outputs stay); return those that were not."""
+        changed = []
+        for index, name in self.dependents(generation_index, step):
+            record = self.generations[index].step(name)
+            if record.status != StepStatus.pending:
+                record.status = StepStatus.pending
+                changed.append((index, name))
+        return changed
+
+    def locate(self, record: "StepRecord") -> tuple[int, str] | None:
+        """(generation index, step name) of a step record of this manifest, or None."""
+        for generation in self.generations:
+            for name in STEP_NAMES:
+                if generation.step(name) is record:
+                    return generation.index, name
+        return None
 
     def generation_of_language(self) -> dict[str, int]:
         return {lang: g.index for g in self.generations for lang in g.new_languages}

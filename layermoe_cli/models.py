@@ -118,6 +118,15 @@ def gguf_architecture(path: str | Path) -> str | None:
     The full GGUFReader also parses the tokenizer arrays (seconds for a 49k vocabulary);
     the architecture is conventionally the first key, so a few hundred bytes suffice.
     """
+    try:
+        return _gguf_architecture(path)
+    except (struct.error, EOFError, ValueError, IndexError, OSError) as e:
+        # struct.error: the file ends inside the header; the others come from the full reader
+        raise LayermoeError(f"{path} is truncated or not a GGUF file ({type(e).__name__}: {e}): "
+                            "download or convert it again") from None
+
+
+def _gguf_architecture(path: str | Path) -> str | None:
     scalar_sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
     with open(path, "rb") as f:
         magic, version = f.read(4), struct.unpack("<I", f.read(4))[0]
@@ -164,6 +173,23 @@ def file_sha256(path: str | Path) -> str:
                 digest.update(chunk)
         _sha_memo[key] = digest.hexdigest()
     return _sha_memo[key]
+
+
+def remember_sha256(path: str | Path, digest: str) -> None:
+    """Record a digest computed elsewhere (e.g. while writing the file), so `file_sha256` needs no second pass."""
+    path = Path(path)
+    stat = path.stat()
+    _sha_memo[(str(path.resolve()), stat.st_size, stat.st_mtime_ns)] = digest
+
+
+def check_readable_weights(directory: str | Path, fix: str = "restore it, or run the step that wrote it again with --force") -> None:
+    """One line (not a loader's traceback) if a safetensors file of `directory` is truncated or its header corrupt."""
+    from layermoe_cli.integrity import safetensors_problem
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem is not None:
+            raise LayermoeError(f"{path} {problem}: {fix}")
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -223,9 +249,12 @@ def _hub_snapshot(source: ModelSource, cache_dir) -> Path:
 
 def _read_config_json(directory: Path) -> dict:
     try:
-        return json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LayermoeError(f"cannot read {directory / 'config.json'}: {e}") from None
+    if not isinstance(config, dict):
+        raise LayermoeError(f"cannot read {directory / 'config.json'}: it is not a JSON object")
+    return config
 
 
 def _load_pretrained(where: str | Path, model_type: str, dtype, **kwargs):
@@ -236,6 +265,8 @@ def _load_pretrained(where: str | Path, model_type: str, dtype, **kwargs):
         from layermoe_cli.modeling import register_auto_classes
 
         register_auto_classes()
+    if Path(where).is_dir():
+        check_readable_weights(where)
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     return model, tokenizer

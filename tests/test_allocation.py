@@ -61,7 +61,7 @@ def test_exact_rounding_properties(problem):
 
 
 @settings(max_examples=300, deadline=None)
-@given(similarities, st.integers(1, 200))
+@given(similarities, st.integers(1, 63))  # within the default per-layer cap of 64
 def test_exact_rounding_is_close_to_eq10_without_floor(s, extra):
     """When no share is pushed up to 1, every count is its Eq. 10 share rounded down or up."""
     budget = len(s) + extra
@@ -74,7 +74,7 @@ def test_exact_rounding_is_close_to_eq10_without_floor(s, extra):
 
 
 @settings(max_examples=300, deadline=None)
-@given(similarities, st.integers(0, 200))
+@given(similarities, st.integers(0, 63))
 def test_ceil_is_literal_eq10(s, extra):
     budget = len(s) + extra
     allocation = allocate_layerwise(s, budget, rounding="ceil")
@@ -127,7 +127,7 @@ def test_nonpositive_similarity_is_an_error(bad):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(1, 40), st.integers(0, 200))
+@given(st.integers(1, 40), st.integers(0, 63))
 def test_uniform(layers, extra):
     budget = layers + extra
     counts = allocate_uniform(layers, budget).experts_per_layer
@@ -217,3 +217,14 @@ def test_classifiers_go_only_to_layers_with_new_experts():
     assert classifier_layers(similarity, 2, experts_per_layer=[3, 1, 2, 2]) == [2, 3]
     # K is capped by the number of MoE layers
     assert classifier_layers(similarity, 3, experts_per_layer=[1, 1, 2, 1]) == [2]
+
+
+def test_the_budget_is_capped_by_a_default_per_layer_maximum():
+    from layermoe_cli.allocation import DEFAULT_MAX_PER_LAYER
+
+    with pytest.raises(LayermoeError, match=r"^expert budget 1000000000000 exceeds 24 layers x 64 experts per layer = 1536: "
+                                            r"lower the budget or raise the per-layer maximum \(--max-per-layer; the default is 64\)$"):
+        validate_budget(24, 10**12)
+    counts = allocate_layerwise([0.1, 0.9], 2 * DEFAULT_MAX_PER_LAYER).experts_per_layer
+    assert counts == [DEFAULT_MAX_PER_LAYER, DEFAULT_MAX_PER_LAYER]
+    assert max(allocate_random(2, 100, 0).experts_per_layer) <= DEFAULT_MAX_PER_LAYER

@@ -179,3 +179,23 @@ def test_extend_again_is_a_noop_and_a_learned_language_is_refused(chain):
     assert taken.exit_code == 2
     assert "el (G1) is already learned: a new generation needs new languages" in taken.stderr
     assert (workdir / "manifest.json").read_bytes() == before
+
+
+def test_expand_again_on_g2_keeps_its_settings_and_refuses_another_top_k(chain, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(chain[0], workdir)
+    before = (workdir / "manifest.json").read_bytes()
+    refused = runner.invoke(app, ["-w", str(workdir), "expand", "--force", "--top-k", "1"])
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr.strip().splitlines() == [
+        "error: --top-k 1: the top-k is chosen when G1 is expanded, and G2 keeps that of the model it extends (2): "
+        "drop --top-k"]
+    assert (workdir / "manifest.json").read_bytes() == before
+    again = layermoe(workdir, "expand", "--force", "--top-k", "2")
+    config = json.loads((workdir / "g2" / "expanded" / "config.json").read_text())
+    assert config["classifier_classes"] == 3  # extend's lifelong classifier, not `expand`'s binary default
+    # the tokenizer of the prepared data is the expansion's: both prepare steps are built on it too
+    assert "prepare1, stage1, prepare2, stage2 and eval of G2 are now pending" in again.stderr or \
+        "prepare1, stage1, prepare2 and stage2 of G2 are now pending" in again.stderr
+    g2 = Workdir(workdir).load().generations[2]
+    assert g2.stage1.status == g2.stage2.status == StepStatus.pending

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 from layermoe_cli.errors import LayermoeError
-from layermoe_cli.manifest import SCHEMA_VERSION, Generation, LanguageEval, Manifest, StepStatus, parse_manifest
+from layermoe_cli.manifest import SCHEMA_VERSION, BaseModelRecord, Generation, LanguageEval, Manifest, StepStatus, parse_manifest
 from layermoe_cli.workdir import Workdir, atomic_write_text
 
 DATA = Path(__file__).parent / "data"
 
 
 def sample_manifest() -> Manifest:
-    manifest = Manifest(generations=[Generation(index=0, new_languages=["en"]),
+    manifest = Manifest(base_model=BaseModelRecord(spec="../models/tiny", kind="local", path="../models/tiny"),
+                        generations=[Generation(index=0, new_languages=["en"]),
                                      Generation(index=1, old_languages=["en"], new_languages=["el", "tr"])])
     g1 = manifest.generations[1]
     g1.profile.similarity = [0.5, 0.25, 0.125]

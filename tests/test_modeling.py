@@ -215,21 +215,127 @@ def test_old_classified_tokens_use_expert0_alone(monkeypatch):
     assert torch.equal(out, expert0_only)
 
 
-def test_sequence_granularity_pools_non_padding_tokens(tiny_dirs):
+def test_causal_segment_mean_against_a_loop():
+    """Sequence pooling (issue 10, item 12): the running mean of the non-padding tokens so far, restarted
+    at each document start, continued from a carried (sum, count) across KV-cache calls."""
+    from layermoe_cli.modeling.modeling_layermoe import causal_segment_mean
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 7, 5, generator=gen)
+    keep = torch.ones(3, 7, dtype=torch.bool)
+    keep[1, :2] = False  # left padding
+    keep[2, 5:] = False  # right padding
+    starts = torch.zeros(3, 7, dtype=torch.bool)
+    starts[0, 3] = starts[2, 2] = True  # a new document after an EOS
+    carry_sum, carry_count = torch.randn(3, 5, generator=gen, dtype=torch.float64), torch.tensor([2.0, 0.0, 4.0], dtype=torch.float64)
+    got, (new_sum, new_count) = causal_segment_mean(x, keep, starts, (carry_sum, carry_count))
+    for b in range(3):
+        total, count = carry_sum[b].clone(), float(carry_count[b])
+        for t in range(7):
+            if starts[b, t]:
+                total, count = torch.zeros(5, dtype=torch.float64), 0.0
+            if keep[b, t]:
+                total, count = total + x[b, t].double(), count + 1
+            want = total / max(count, 1.0)
+            assert torch.allclose(got[b, t].double(), want, atol=1e-6), (b, t)
+        assert torch.allclose(new_sum[b], total) and float(new_count[b]) == count
+
+
+def _sequence_model(tiny_dirs, seed=0):
     base = load_base(tiny_dirs["llama"])
-    model = upcycle(base, NEW_EXPERTS, classifier_layers=[0, 2], classifier_granularity="sequence")
-    ids = torch.randint(2, 500, (2, 6), generator=torch.Generator().manual_seed(5))
-    mask = torch.ones(2, 6, dtype=torch.long)
-    mask[1, :2] = 0  # left padding in row 1
-    seen = {}
-    block = model.moe_blocks()[2]
-    block.register_forward_hook(lambda mod, inp, out: seen.setdefault("x", inp[0].detach()))
+    model = upcycle(base, NEW_EXPERTS, classifier_layers=[0, 2], classifier_granularity="sequence").eval()
+    perturb_experts(model, scale=0.5, seed=seed)  # classifier decisions that depend on what is pooled
+    return model
+
+
+def test_sequence_classifier_is_causal_prefix_invariant(tiny_dirs):
+    """A position's logits do not depend on later tokens: a shared prefix gives the same logits whatever follows."""
+    model = _sequence_model(tiny_dirs)
+    gen = torch.Generator().manual_seed(3)
+    worst = 0.0
+    for trial in range(10):
+        prefix = torch.randint(2, 500, (1, 12), generator=gen)
+        a = torch.cat([prefix, torch.randint(2, 500, (1, 8), generator=gen)], 1)
+        b = torch.cat([prefix, torch.randint(2, 500, (1, 8), generator=gen)], 1)
+        with torch.no_grad():
+            la, lb = model(a).logits[:, :12], model(b).logits[:, :12]
+        worst = max(worst, (la - lb).abs().max().item())
+    assert worst <= 1e-5
+
+
+def test_sequence_classifier_cached_decoding_equals_the_full_forward(tiny_dirs):
+    """Token-by-token decoding with a KV cache (left padding, an EOS inside) gives the full forward's logits."""
+    model = _sequence_model(tiny_dirs, seed=2)
+    eos = model.config.eos_token_id
+    ids = torch.randint(2, 500, (2, 16), generator=torch.Generator().manual_seed(9))
+    ids[0, 6] = eos  # a document boundary inside row 0
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in row 1, as batched generation has
     with torch.no_grad():
-        out = model(ids, attention_mask=mask, output_router_logits=True)
-    x = seen["x"]  # [2, 6, H]
-    pooled = torch.stack([x[0].mean(0), x[1, 2:].mean(0)])  # [2, H]
-    want = F.linear(pooled.float(), block.classifier.weight.float()).repeat_interleave(6, 0)
-    assert (out.classifier_logits[2] - want).abs().max().item() < 1e-5
+        full = model(ids, attention_mask=mask).logits
+        out = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(5, 16):
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+            cache = out.past_key_values
+    cached = torch.cat(steps, 1)
+    keep = mask.bool()
+    assert (cached - full)[keep].abs().max().item() <= 1e-4
+    # ... and greedy generation with and without the cache agrees
+    prompt = ids[:1, :6]
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False),
+                           model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False))
+
+
+def test_packed_documents_pool_separately(tiny_dirs):
+    """In a packed training block the pool restarts after each EOS: the second document's classifier
+    input is its own running mean, whatever came before it in the block."""
+    model = _sequence_model(tiny_dirs)
+    eos = model.config.eos_token_id
+    gen = torch.Generator().manual_seed(4)
+    second = torch.randint(2, 500, (1, 6), generator=gen)
+    blocks = [torch.cat([torch.randint(2, 500, (1, n), generator=gen), torch.tensor([[eos]]), second], 1) for n in (3, 9)]
+    seen = []
+    hook = model.moe_blocks()[2].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    with torch.no_grad():
+        outs = [model(b, output_router_logits=True).classifier_logits[2] for b in blocks]
+    hook.remove()
+    for out, x, block in zip(outs, seen, blocks):
+        start = block.shape[1] - 6
+        running = x[0, start:].cumsum(0) / torch.arange(1, 7).unsqueeze(1)
+        want = F.linear(running.float(), model.moe_blocks()[2].classifier.weight.float())
+        assert (out[start:] - want).abs().max().item() < 1e-5
+
+
+def test_forward_passes_use_cache_and_logits_to_keep_through(tiny_dirs):
+    """Profiling an expanded model asks for no KV cache and the logits of one position (issue 10, item 13)."""
+    from layermoe_cli.similarity import _forward_kwargs
+
+    model = upcycle(load_base(tiny_dirs["llama"]), NEW_EXPERTS).eval()
+    assert _forward_kwargs(model) == {"use_cache": False, "logits_to_keep": 1}
+    ids = torch.randint(2, 500, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(ids, **_forward_kwargs(model))
+        full = model(ids)
+    assert out.logits.shape == (2, 1, full.logits.shape[-1]) and out.past_key_values is None
+    assert torch.allclose(out.logits[:, 0], full.logits[:, -1], atol=1e-6)
+
+
+def test_router_init_expert0_docstring_does_not_promise_undisturbed_routing(tiny_dirs):
+    """With tied copies, expert-0 router rows do move earlier tokens (README: measured drift); the docstring says so."""
+    model = upcycle(load_base(tiny_dirs["llama"]), NEW_EXPERTS).eval()
+    perturb_experts(model)
+    ids = torch.randint(2, 500, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+        add_generation(model, [1, 1, 1], router_init="expert0")
+        after = model(ids).logits
+    assert (after - before).abs().max().item() > 1e-6  # earlier tokens' outputs did move
+    doc = " ".join(add_generation.__doc__.split())
+    assert "are undisturbed" not in doc and "keeps expert 0's output" not in doc
+    assert "its output can move" in doc
 
 
 # ---------------------------------------------------------------------------------------

@@ -135,11 +135,12 @@ def test_moved_workdir_continues(expanded, tmp_path):
 # --- bad input: one line, exit code 2, the work dir as it was ------------------------------
 
 
-def assert_one_line_error(result, message: str):
+def assert_one_line_error(result, message: str) -> str:
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert message in lines[0], lines[0]
+    return lines[0]
 
 
 @pytest.mark.parametrize(
@@ -202,7 +203,7 @@ def test_forced_reallocation_marks_the_expansion_out_of_date(tmp_path, expanded)
     g1 = manifest_of(workdir).generations[1]
     assert g1.allocation.experts_per_layer == [2, 2, 2, 2]
     assert g1.expansion.status == StepStatus.pending
-    assert "run `layermoe expand --force` for the new allocation" in result.stderr
+    assert "note: allocation of G1 ran again, so expansion" in result.stderr
 
 
 def test_layerwise_before_profile_names_the_fix(tmp_path, expanded):
@@ -266,3 +267,204 @@ def test_expand_before_allocate_and_a_layer_count_mismatch(tmp_path, expanded):
     result = layermoe(workdir, "expand", "--force")
     assert_one_line_error(result, "the allocation has 3 layers but the model has 4")
     assert snapshot(workdir) == before
+
+
+def test_data_files_are_found_after_the_workdir_moves_deeper(tmp_path, tiny):
+    """A --data file is stored relative to the work dir and absolute; the absolute path is the fallback, said once."""
+    from layermoe_cli.data import load_texts
+
+    data = tmp_path / "data"
+    data.mkdir()
+    greek = data / "el.txt"
+    greek.write_text("\n".join(load_texts("el", "builtin", limit=60)) + "\n", encoding="utf-8")
+    workdir = tmp_path / "run"
+    result = layermoe(workdir, "profile", "--model", str(tiny), "--old", "en", "--new", "el", "--data", f"el={greek}",
+                      "--tokens", "200")
+    assert result.exit_code == 0, result.output
+    record = manifest_of(workdir).generations[1].data["el"]
+    assert record.spec == "../data/el.txt" and record.absolute_path == str(greek.resolve())
+
+    moved = tmp_path / "deeper" / "run"
+    moved.parent.mkdir()
+    shutil.move(workdir, moved)
+    result = layermoe(moved, "profile", "--force", "--tokens", "200")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if "data for 'el'" in line]
+    assert notes == [f"note: data for 'el': ../data/el.txt is not there from {moved}; using the absolute path "
+                     f"{greek.resolve()} recorded with it"], result.stderr
+
+    shutil.move(data, tmp_path / "gone")
+    result = layermoe(moved, "profile", "--force", "--tokens", "200")
+    assert_one_line_error(result, f"data for 'el' is neither at {(moved / '../data/el.txt').resolve()} (stored relative to "
+                                  f"the work dir as ../data/el.txt) nor at {greek.resolve()}")
+
+
+def test_profile_again_makes_allocation_and_expansion_pending_and_keeps_their_outputs(tmp_path, expanded):
+    workdir = tmp_path / "run"
+    shutil.copytree(expanded, workdir)
+    result = layermoe(workdir, "profile", "--force", "--tokens", "1500")
+    assert result.exit_code == 0, result.output
+    g1 = manifest_of(workdir).generations[1]
+    assert g1.profile.status == StepStatus.done
+    assert (g1.allocation.status, g1.expansion.status) == (StepStatus.pending, StepStatus.pending)
+    assert (workdir / "g1" / "expanded" / "model.safetensors").is_file()  # kept until replaced
+    assert "note: profile of G1 ran again, so allocation, expansion" in result.stderr  # (and eval, if an earlier test ran it)
+    assert "now pending (old outputs stay until replaced)" in result.stderr
+    result = layermoe(workdir, "allocate", "--budget", "10", "--classifier-layers", "1")  # no --force needed now
+    assert result.exit_code == 0, result.output
+
+
+# --- issue 10, items 8-9: each bad input is one line, exit 2, the work dir unchanged --------------
+
+
+def test_a_config_json_that_is_not_json_and_a_truncated_gguf(tmp_path, tiny):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    (broken / "config.json").write_text("{not json")
+    result = layermoe(tmp_path / "run", "profile", "--model", str(broken), "--old", "en", "--new", "el")
+    assert_one_line_error(result, f"cannot read {broken / 'config.json'}")
+    gguf = tmp_path / "cut.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00\x01\x00")
+    result = layermoe(tmp_path / "run", "profile", "--model", str(gguf), "--old", "en", "--new", "el")
+    assert_one_line_error(result, f"{gguf} is truncated or not a GGUF file")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_train_recipe_yaml_stage_3_and_a_manifest_without_base_model(tmp_path, expanded):
+    workdir = tmp_path / "run"
+    shutil.copytree(expanded, workdir)
+    before = snapshot(workdir)
+    bad = tmp_path / "train.yaml"
+    bad.write_text("max_steps: [1\n")
+    assert_one_line_error(layermoe(workdir, "train", "--stage", "1", "--recipe", str(bad)),
+                          f"training recipe {bad} is not valid YAML")
+    assert_one_line_error(layermoe(workdir, "train", "--stage", "3"),
+                          "--stage 3: there are two training stages, 1 (new experts learn the new languages) and 2")
+    assert snapshot(workdir) == before
+    data = json.loads((workdir / "manifest.json").read_text())
+    data["base_model"] = None
+    (workdir / "manifest.json").write_text(json.dumps(data))
+    before = snapshot(workdir)
+    assert_one_line_error(layermoe(workdir, "allocate", "--budget", "10", "--force"), "manifest.json records no base model")
+    assert snapshot(workdir) == before
+
+
+def test_an_unknown_option_in_a_recipe_step_is_refused_before_anything_runs(tmp_path, tiny):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {tiny}\ngenerations:\n  - old: [en]\n    new: [el]\n    profile: {{tokenz: 300}}\n"
+                      "    allocate: {budget: 6}\n")
+    result = layermoe(tmp_path / "run", "run", str(recipe))
+    assert_one_line_error(result, f"recipe {recipe}: `generations.0.profile` has no option 'tokenz' (it takes ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_absurd_budget_and_top_k_are_refused(tmp_path, expanded, monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(expanded, workdir)
+    before = snapshot(workdir)
+    assert_one_line_error(layermoe(workdir, "allocate", "--force", "--budget", "1000000000000"),
+                          "expert budget 1000000000000 exceeds 4 layers x 64 experts per layer = 256")
+    most = max(manifest_of(workdir).generations[1].allocation.experts_per_layer)
+    assert_one_line_error(layermoe(workdir, "expand", "--force", "--top-k", "99"),
+                          f"--top-k 99 is more than the most experts any layer has ({most})")
+    import layermoe_cli.pipeline.expand as expand_step
+
+    monkeypatch.setattr(expand_step, "available_memory", lambda device: 1000)
+    line = assert_one_line_error(layermoe(workdir, "expand", "--force"), "of memory, but only 1.0 kB are free on cpu")
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("text, documents", [("only one document\n", 1), ("x" * 7_000_000 + "\n", 1)])
+def test_data_with_fewer_than_two_documents_is_refused_at_profile(tmp_path, tiny, text, documents):
+    source = tmp_path / "el.txt"
+    source.write_text(text)
+    result = layermoe(tmp_path / "run", "profile", "--model", str(tiny), "--old", "en", "--new", "el", "--data", f"el={source}")
+    assert_one_line_error(result, f"data for 'el': {source} has {documents} document; layermoe holds some out for eval, "
+                                  "so it needs at least 2")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--router-init", "bogus"], "unknown --router-init 'bogus': use expert0, mean, zeros or normal"),
+    (["--budget", "2"], "expert budget 2 is smaller than the 4 layers"),
+    (["--drift-tokens", "0"], "--drift-tokens must be positive"),
+    (["--tokens", "0"], "--tokens must be positive"),
+    (["--strategy", "best"], "unknown allocation strategy 'best'"),
+])
+def test_extend_checks_every_argument_before_profiling(tmp_path, expanded, args, message):
+    workdir = tmp_path / "run"
+    shutil.copytree(expanded, workdir)
+    before = snapshot(workdir)
+    options = {"--budget": "6", **dict(zip(args[::2], args[1::2]))}
+    result = layermoe(workdir, "extend", "--new", "bn", *[x for kv in options.items() for x in kv])
+    assert_one_line_error(result, message)  # one line: no profile progress bar came first
+    assert snapshot(workdir) == before
+
+
+# --- issue 10, items 11, 14, 16: allocation classifiers and the demo summary (no model needed) ----
+
+
+def _two_generations(tmp_path):
+    """A manifest whose G1 put experts (and its classifier) on layers 0 and 2, and whose G2 profile is done."""
+    from layermoe_cli.manifest import BaseModelRecord, Generation, Manifest
+
+    manifest = Manifest(
+        base_model=BaseModelRecord(spec="m", kind="local", num_layers=4, hidden_size=32, intermediate_size=64,
+                                   num_parameters=100_000),
+        generations=[Generation(index=0, new_languages=["en"]),
+                     Generation(index=1, old_languages=["en"], new_languages=["el"]),
+                     Generation(index=2, old_languages=["en", "el"], new_languages=["bn"])])
+    g1, g2 = manifest.generations[1], manifest.generations[2]
+    for step in ("profile", "allocation", "expansion"):
+        g1.step(step).status = StepStatus.done
+    g1.allocation.experts_per_layer, g1.allocation.new_experts_per_layer = [2, 1, 2, 1], [1, 0, 1, 0]
+    g1.allocation.classifier_layers = [0]
+    g2.profile.status = StepStatus.done
+    g2.profile.similarity = [0.9, 0.3, 0.8, 0.3]  # layers 0 and 2 are the most similar; G2's experts go to 1 and 3
+    workdir = Workdir(tmp_path / "run")
+    workdir.save(manifest)
+    return workdir, manifest
+
+
+def test_g2_classifiers_go_to_the_most_similar_moe_layers_of_the_extended_model(tmp_path):
+    from layermoe_cli.pipeline.allocate import allocate_generation
+
+    workdir, manifest = _two_generations(tmp_path)
+    g2 = manifest.generations[2]
+    allocate_generation(workdir, manifest, g2, budget=6, classifier_layers=2)
+    assert g2.allocation.new_experts_per_layer == [0, 1, 0, 1]
+    # every layer is MoE after G2 (0 and 2 from G1): the two most similar get the classifiers
+    assert g2.allocation.classifier_layers == [0, 2]
+
+
+def test_uniform_allocation_has_no_classifier_unless_asked(tmp_path):
+    from layermoe_cli.pipeline.allocate import allocate_generation
+
+    workdir, manifest = _two_generations(tmp_path)
+    g2 = manifest.generations[2]
+    allocate_generation(workdir, manifest, g2, budget=8, strategy="uniform")
+    assert g2.allocation.classifier_layers == []  # the MoE-LPR baseline routes by LPR alone
+    allocate_generation(workdir, manifest, g2, budget=8, strategy="uniform", classifier_layers=1, force=True)
+    assert g2.allocation.classifier_layers == [0]
+
+
+def test_demo_summary_measures_g2_forgetting_against_the_model_before_it(capsys):
+    from layermoe_cli.manifest import Generation, LanguageEval, Manifest
+    from layermoe_cli.pipeline.recipe import _demo_summary
+
+    def figures(**bpb):
+        return {lang: LanguageEval(bpb=value) for lang, value in bpb.items()}
+
+    manifest = Manifest(generations=[Generation(index=0, new_languages=["en"]),
+                                     Generation(index=1, old_languages=["en"], new_languages=["el"]),
+                                     Generation(index=2, old_languages=["en", "el"], new_languages=["bn"])])
+    manifest.generations[0].eval.languages = figures(en=1.0, el=3.0, bn=4.0)
+    manifest.generations[1].eval.languages = figures(en=1.1, el=2.0)  # G1 learned el (gain 1.0)
+    manifest.generations[2].eval.languages = figures(en=1.2, el=2.1, bn=3.0)
+    _demo_summary(manifest)
+    rows = {line.split("│")[1].strip().split(" ")[0]: line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("│ G")}
+    # G2's old languages before G2 = G1's model: (1.1 + 2.0) / 2 = 1.550 → (1.2 + 2.1) / 2 = 1.650, forgetting +0.100
+    assert "1.550 → 1.650" in rows["G2"] and "+0.100" in rows["G2"]
+    assert "1.000 → 1.100" in rows["G1"] and "+0.100" in rows["G1"]  # G1: before = the base model
+    assert "4.000 → 3.000" in rows["G2"]  # new languages: base → after

@@ -95,7 +95,8 @@ def test_train_prepares_first_and_a_new_preparation_makes_the_stage_pending(work
 
     result = layermoe(workdir, "prepare", "--stage", "1", "--tokens-per-language", "500")
     assert result.exit_code == 0, result.output
-    assert "note: stage1 of G1 now pending: run `layermoe train --stage 1` on the new data" in result.stderr
+    assert ("note: preparing stage 1 data of G1 ran again, so stage1 of G1 is now pending "
+            "(old outputs stay until replaced)") in result.stderr
     g1 = Workdir(workdir).load().generations[1]
     assert g1.stage1.status == StepStatus.pending and g1.prepare1.data_dir != first
     assert 500 <= g1.prepare1.tokens_per_language["el"] < 700

@@ -135,6 +135,21 @@ def test_tampered_frozen_weight_raises_and_nothing_is_saved(tmp_path, monkeypatc
     assert not (tmp_path / "out").exists()
 
 
+def test_stage1_saves_classifier_routing_off_and_stage2_turns_it_on(tmp_path):
+    """Stage 1 never trains the classifier: its output must route by the router alone (issue 10, item 10)."""
+    expanded = _expanded(tmp_path, new_experts=(1, 1), classifier_layers=(0, 1))
+    train, _ = _corpus(20)
+    train_stage(expanded, tmp_path / "s1", train, GENS, 1, _small_config(1, max_steps=1), tmp_path / "w1")
+    s1 = load_layermoe(tmp_path / "s1")
+    assert s1.config.classifier_routing is False
+    assert all(b.classifier_routing is False for b in s1.moe_blocks().values())
+    assert json.loads((tmp_path / "s1" / "config.json").read_text())["classifier_routing"] is False
+    train_stage(tmp_path / "s1", tmp_path / "s2", train, GENS, 1, _small_config(2, max_steps=1), tmp_path / "w2")
+    s2 = load_layermoe(tmp_path / "s2")
+    assert s2.config.classifier_routing is True
+    assert all(b.classifier_routing is True for b in s2.moe_blocks().values() if b.classifier is not None)
+
+
 # ---------------------------------------------------------------- crash and resume
 
 

@@ -147,6 +147,55 @@ def experts_loop(group, act_fn, x_sorted: torch.Tensor, counts: torch.Tensor) ->
     return torch.cat(outputs, dim=0)
 
 
+# ----------------------------------------------------------------------------------------
+# Sequence-level classifier input: a causal running mean within the document
+# ----------------------------------------------------------------------------------------
+def causal_segment_mean(hidden: torch.Tensor, keep: torch.Tensor, starts: torch.Tensor, carry=None):
+    """The classifier input of `classifier_granularity="sequence"`: at every position, the mean of the
+    non-padding hidden states from the start of its document up to and including itself.
+
+    The authors' code pools the whole sequence (padding included), so a token's routing, hence
+    its logits, depended on later tokens, and a packed training block mixed documents of
+    different languages. Pooling causally and restarting at each document start makes a full
+    forward, a packed training block and KV-cached decoding compute the same thing.
+
+    hidden: [B, S, H]; keep: [B, S] bool, False on padding; starts: [B, S] bool, True where a
+    document starts (the pool restarts there); carry: (sum [B, H], count [B]) of the tokens
+    before this call (cached decoding), or None. Returns (mean [B, S, H] in hidden's dtype,
+    (sum [B, H], count [B]) at the last position, the carry of the next call).
+    """
+    acc = torch.float32 if hidden.device.type == "mps" else torch.float64  # no drift between cached and full
+    b, s, h = hidden.shape
+    x = hidden.to(acc) * keep.unsqueeze(-1)  # [B, S, H]
+    zeros = x.new_zeros(b, 1, h)
+    prefix = torch.cat([zeros, x.cumsum(1)], 1)  # [B, S+1, H]: prefix[:, t] = sum of positions < t
+    counts = torch.cat([x.new_zeros(b, 1), keep.to(acc).cumsum(1)], 1)  # [B, S+1]
+    positions = torch.arange(s, device=hidden.device).expand(b, s)
+    last_start = torch.where(starts, positions, -1).cummax(1).values  # [B, S], -1: no start yet in this call
+    base = last_start.clamp(min=0)
+    total = prefix[:, 1:] - prefix.gather(1, base.unsqueeze(-1).expand(b, s, h))  # [B, S, H]
+    count = counts[:, 1:] - counts.gather(1, base)  # [B, S]
+    if carry is not None:  # positions before any start continue the document of the previous call
+        continued = (last_start < 0).to(acc)
+        total = total + continued.unsqueeze(-1) * carry[0].to(acc).unsqueeze(1)
+        count = count + continued * carry[1].to(acc).unsqueeze(1)
+    mean = total / count.clamp(min=1).unsqueeze(-1)
+    return mean.to(hidden.dtype), (total[:, -1], count[:, -1])
+
+
+class _PoolState:
+    """What sequence-level classifiers carry from one cached-decoding call to the next (kept on the KV cache)."""
+
+    def __init__(self, last_token_ends_document: torch.Tensor, carries: dict):
+        self.last_token_ends_document = last_token_ends_document  # [B] bool
+        self.carries = carries  # layer -> (sum [B, H], count [B])
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        self.last_token_ends_document = self.last_token_ends_document[beam_idx.to(self.last_token_ends_document.device)]
+        self.carries = {i: (total[beam_idx.to(total.device)], count[beam_idx.to(count.device)])
+                        for i, (total, count) in self.carries.items()}
+
+
 class LayermoeMoeBlock(nn.Module):
     """Replaces one decoder layer's `mlp`: expert 0 (the base MLP) + one group of experts per generation.
 
@@ -188,6 +237,9 @@ class LayermoeMoeBlock(nn.Module):
         self.moe_kernel = moe_kernel
         # Set by LayermoeForCausalLM around each forward.
         self.attention_mask: torch.Tensor | None = None
+        self.document_starts: torch.Tensor | None = None  # [B, S] bool (sequence granularity)
+        self.pool_carry = None  # (sum, count) from the previous cached call
+        self.pool_out = None  # (sum, count) after this call
         self.record_logits = False
         self.last_router_logits: torch.Tensor | None = None
         self.last_classifier_logits: torch.Tensor | None = None
@@ -215,21 +267,22 @@ class LayermoeMoeBlock(nn.Module):
         return x.is_cuda
 
     def classifier_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[B, S, H] -> [B*S, H]: each token itself, or its sequence's mean over non-padding tokens.
-
-        "sequence" mirrors the authors' code (but skips padding). With a KV cache each call pools
-        only the tokens it is given, so cached decoding classifies from the new tokens alone.
-        """
+        """[B, S, H] -> [B*S, H]: each token itself ("token"), or ("sequence") the causal running mean of
+        its document's non-padding tokens so far (`causal_segment_mean`)."""
         b, s, h = hidden_states.shape
         if self.classifier_granularity == "token":
             return hidden_states.reshape(-1, h)
         mask = self.attention_mask
         if mask is not None and mask.dim() == 2:
-            keep = mask[:, -s:].to(hidden_states.dtype).unsqueeze(-1)  # [B, S, 1]
+            keep = mask[:, -s:].bool()  # [B, S]; with a KV cache the mask also covers the past
         else:
-            keep = hidden_states.new_ones(b, s, 1)
-        pooled = (hidden_states * keep).sum(1) / keep.sum(1).clamp(min=1)  # [B, H]
-        return pooled.unsqueeze(1).expand(b, s, h).reshape(-1, h)
+            keep = torch.ones(b, s, dtype=torch.bool, device=hidden_states.device)
+        starts = self.document_starts
+        if starts is None:  # called on its own: the call is one fresh document per row
+            starts = torch.zeros(b, s, dtype=torch.bool, device=hidden_states.device)
+            starts[:, 0] = self.pool_carry is None
+        pooled, self.pool_out = causal_segment_mean(hidden_states, keep, starts, self.pool_carry)
+        return pooled.reshape(-1, h)
 
     def dispatch_plan(self, router_logits: torch.Tensor, token_class: torch.Tensor | None):
         """Which (token, expert, weight) pairs to compute. Returns three [P] tensors."""
@@ -295,9 +348,8 @@ class LayermoeMoeBlock(nn.Module):
                 cls_in = self.classifier_input(hidden_states)  # [T, H]
                 classifier_logits = F.linear(cls_in.float(), self.classifier.weight.float())  # [T, C]
         token_class = None
-        if self.classifier is not None:
-            if self.classifier_routing:
-                token_class = classifier_logits.detach().argmax(-1)  # [T]
+        if classifier_logits is not None and self.classifier_routing:
+            token_class = classifier_logits.detach().argmax(-1)  # [T]
         if self.record_logits:
             self.last_router_logits = router_logits
             self.last_classifier_logits = classifier_logits
@@ -425,6 +477,44 @@ class LayermoeForCausalLM(LayermoePreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm.set_output_embeddings(value)
 
+    # -- sequence-level classifiers: document boundaries and the state a KV cache carries -------
+    def _document_ends(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] bool: the token ends a document (an EOS). Packed training blocks separate documents with EOS."""
+        eos = self.config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if not eos:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return torch.isin(input_ids, torch.tensor(eos, device=input_ids.device))
+
+    def _prepare_pooling(self, blocks, input_ids, inputs_embeds, past_key_values):
+        """Set each sequence-level block's document starts and carry; return the state read from the cache."""
+        pooling = {i: b for i, b in blocks.items() if b.classifier is not None and b.classifier_granularity == "sequence"}
+        if not pooling:
+            return pooling, None
+        fresh = past_key_values is None or past_key_values.get_seq_length() == 0
+        state = None if fresh else getattr(past_key_values, "layermoe_pool", None)
+        if not fresh and state is None:
+            raise ValueError("this KV cache was not filled by LayermoeForCausalLM.forward, so the sequence-level "
+                             "classifiers have no running mean to continue: start from an empty cache")
+        reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        b, s = reference.shape
+        starts = torch.zeros(b, s, dtype=torch.bool, device=reference.device)  # [B, S]
+        starts[:, 0] = True if state is None else state.last_token_ends_document.to(reference.device)
+        if input_ids is not None and s > 1:
+            starts[:, 1:] = self._document_ends(input_ids[:, :-1])  # a document starts right after an EOS
+        for i, block in pooling.items():
+            block.document_starts = starts
+            block.pool_carry = None if state is None else state.carries.get(i)
+        return pooling, starts
+
+    def _reorder_cache(self, past_key_values, beam_idx):
+        """Beam search: reorder the KV cache and, with it, the sequence-level classifiers' running means."""
+        past_key_values.reorder_cache(beam_idx)
+        state = getattr(past_key_values, "layermoe_pool", None)
+        if state is not None:
+            state.reorder(beam_idx)
+        return past_key_values
+
     # -- forward -------------------------------------------------------------------------
     def forward(
         self,
@@ -433,22 +523,33 @@ class LayermoeForCausalLM(LayermoePreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         past_key_values=None,
         output_router_logits: bool = False,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> LayermoeCausalLMOutput:
+        # use_cache and logits_to_keep are named (not left in **kwargs) so that callers that look at
+        # the signature, e.g. the profile, can ask for no KV cache and the logits of one position.
         kwargs.pop("return_dict", None)
         blocks = self.moe_blocks()
         for block in blocks.values():
             block.attention_mask = attention_mask
             block.record_logits = output_router_logits
         try:
+            pooling, _ = self._prepare_pooling(blocks, input_ids, kwargs.get("inputs_embeds"), past_key_values)
             out = self.lm(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 labels=labels,
                 past_key_values=past_key_values,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
                 return_dict=True,
                 **kwargs,
             )
+            if pooling and out.past_key_values is not None:
+                last_ends = (self._document_ends(input_ids[:, -1]) if input_ids is not None
+                             else torch.zeros(out.logits.shape[0], dtype=torch.bool, device=out.logits.device))
+                out.past_key_values.layermoe_pool = _PoolState(last_ends, {i: b.pool_out for i, b in pooling.items()})
             router_logits = classifier_logits = None
             if output_router_logits:
                 router_logits = {i: b.last_router_logits for i, b in blocks.items()}
@@ -458,6 +559,7 @@ class LayermoeForCausalLM(LayermoePreTrainedModel, GenerationMixin):
                 block.attention_mask = None
                 block.record_logits = False
                 block.last_router_logits = block.last_classifier_logits = None
+                block.document_starts = block.pool_carry = block.pool_out = None
         return LayermoeCausalLMOutput(
             loss=out.loss,
             logits=out.logits,

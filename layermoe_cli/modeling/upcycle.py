@@ -143,10 +143,12 @@ def add_generation(
 
     Per layer: a new expert group (copies of expert 0), router rows appended with the learned
     rows kept. router_init for the new rows:
-      "expert0" (default): copy expert 0's row, so new experts tie with expert 0. Since they are
-          copies of expert 0, a token whose top choice was expert 0 keeps expert 0's output, and a
-          token whose top-k did not reach expert 0 keeps its routing (earlier-generation tokens
-          are undisturbed); "mean": mean of the learned rows; "zeros"; "normal": N(0, init std).
+      "expert0" (default): copy expert 0's row, so each new expert ties with expert 0 and stage 1
+          routes new-language tokens to them quickly. Earlier tokens are not undisturbed: the tied
+          rows take softmax mass and top-k slots, so a token whose top-k was {expert 0, an earlier
+          expert} can now pick a copy of expert 0 instead, and its output can move (the drift
+          `extend` measures per earlier language; README, "Extending");
+      "mean": mean of the learned rows; "zeros"; "normal": N(0, init std).
     Classifiers are rebuilt on `classifier_layers` with one class per generation, G0..G(n+1)
     (or `classifier_classes`; 2 keeps the paper's binary old/new), keeping learned rows where a layer keeps its classifier; new rows
     and new classifiers are N(0, init std). Layers that get no new expert stay as they were.
@@ -253,6 +255,9 @@ def load_layermoe(directory, device=None, dtype=None) -> LayermoeForCausalLM:
     model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
     if model_type != "layermoe":
         raise LayermoeError(f"{directory} holds a {model_type!r} model, not a layermoe one; run the expand step first")
+    from layermoe_cli.models import check_readable_weights
+
+    check_readable_weights(directory)  # a truncated file: one line, not the loader's traceback
     kwargs = {}
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -35,7 +35,10 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
     if rounding not in ("exact", "ceil"):
         raise LayermoeError(f"unknown rounding {rounding!r}: use exact or ceil")
     budget = resolve_budget(budget, new_experts, num_layers)
-    k = alloc.default_classifier_k(num_layers) if classifier_layers is None else classifier_layers
+    # LayerMoE puts routing classifiers on its K most similar layers; the uniform (MoE-LPR) baseline has none.
+    if classifier_layers is None:
+        classifier_layers = 0 if strategy == "uniform" else alloc.default_classifier_k(num_layers)
+    k = classifier_layers
     alloc.validate_budget(num_layers, budget, max_per_layer, k=k, strategy=strategy)
     profiled = generation.profile.status == StepStatus.done
     if strategy == "layerwise" and not profiled:
@@ -44,7 +47,6 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
 
     config = dict(budget=budget, strategy=strategy, classifier_layers=k, rounding=rounding, max_per_layer=max_per_layer, seed=seed)
     with run_step(workdir, manifest, generation.allocation, f"allocation of G{generation.index}", config, force) as record:
-        _invalidate_later_steps(generation)
         similarity = generation.profile.similarity if profiled else None
         result = alloc.allocate(strategy, num_layers, budget, similarity, rounding=rounding,
                                 max_per_layer=max_per_layer, seed=seed)
@@ -52,9 +54,12 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
         record.strategy, record.budget, record.rounding, record.overshoot = strategy, budget, rounding, overshoot
         record.experts_per_layer = list(experts)
         record.new_experts_per_layer = [n - 1 for n in experts]
-        record.classifier_layers = alloc.classifier_layers(similarity, k, experts) if similarity is not None else []
+        # Candidates: the MoE layers of the model this generation builds, i.e. with experts of this or an
+        # earlier generation (a layer that got G1 experts but none now keeps its router and can keep a classifier).
+        moe_after = [1 + n + sum(earlier) for n, earlier in zip(record.new_experts_per_layer, _earlier_new_experts(manifest, generation))]
+        record.classifier_layers = alloc.classifier_layers(similarity, k, moe_after) if similarity is not None else []
         if similarity is not None and len(record.classifier_layers) < k:
-            err_console.print(f"[yellow]note:[/] only {len(record.classifier_layers)} layers got new experts, so "
+            err_console.print(f"[yellow]note:[/] only {len(record.classifier_layers)} layers are MoE layers, so "
                               f"{len(record.classifier_layers)} classifiers instead of {k}", soft_wrap=True)
         base = manifest.base_model
         per_expert = 3 * base.hidden_size * base.intermediate_size
@@ -74,14 +79,11 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
             err_console.print(f"[yellow]note:[/] literal ceil (Eq. 10) gives Σ N^i = {sum(experts)}, {overshoot} over δ = {budget}", soft_wrap=True)
 
 
-def _invalidate_later_steps(generation: Generation) -> None:
-    """A new allocation makes the expanded model (and all that was trained from it) out of date."""
-    stale = [name for name in ("expansion", "stage1", "stage2", "eval") if generation.step(name).status != StepStatus.pending]
-    for name in stale:
-        generation.step(name).status = StepStatus.pending
-    if stale:
-        err_console.print(f"[yellow]note:[/] {', '.join(stale)} of G{generation.index} now pending: "
-                          "run `layermoe expand --force` for the new allocation", soft_wrap=True)
+def _earlier_new_experts(manifest: Manifest, generation: Generation) -> list[list[int]]:
+    """Per layer, the new experts each earlier generation (G1 .. G(g-1)) added."""
+    layers = manifest.base_model.num_layers
+    earlier = [g.allocation.new_experts_per_layer or [0] * layers for g in manifest.generations[1 : generation.index]]
+    return [list(row) for row in zip(*earlier)] if earlier else [[] for _ in range(layers)]
 
 
 def allocation_table(manifest: Manifest, generation: Generation) -> Table:

@@ -243,7 +243,7 @@ def _run_dense(out: Path, reference: Workdir, manifest: Manifest, config) -> dic
 
 def _evaluate_all(root: Path, reference: Workdir, manifests: dict[str, Manifest], dense: dict, max_tokens, device) -> dict:
     """Bits per byte of the base model and the three variants on one set of held-out texts (cached per model)."""
-    from layermoe_cli.pipeline.common import documents_for_tokens, load_base, load_checkpoint, resolve_device, texts_for
+    from layermoe_cli.pipeline.common import documents_for_tokens, load_base, load_recorded_checkpoint, resolve_device, texts_for
 
     device = resolve_device(device)
     manifest = manifests["layermoe"]
@@ -267,8 +267,9 @@ def _evaluate_all(root: Path, reference: Workdir, manifests: dict[str, Manifest]
     jobs = {"base": (lambda: load_base(reference, manifest, device=device), "base model")}
     for name in ("layermoe", "moe-lpr"):
         record = manifests[name].generations[1].stage2
-        path = Workdir(root / name).resolve(record.checkpoint)
-        jobs[name] = ((lambda path=path: load_checkpoint(path, device=device)), record.finished_at.isoformat())
+        load = (lambda name=name, record=record: load_recorded_checkpoint(Workdir(root / name), manifests[name],
+                                                                            record.checkpoint, device=device))
+        jobs[name] = (load, record.finished_at.isoformat())
     jobs["dense"] = (load_dense, dense["finished_at"])
     return {name: _measure(root / "eval" / f"{name}.json", name, load, trained, languages, max_tokens, held_out, device)
             for name, (load, trained) in jobs.items()}

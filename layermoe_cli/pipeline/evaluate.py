@@ -15,10 +15,11 @@ from layermoe_cli.pipeline.common import (
     documents_for_tokens,
     latest_checkpoint,
     load_base,
-    load_checkpoint,
+    load_recorded_checkpoint,
     resolve_device,
     texts_for,
     token_progress,
+    verify_checkpoint,
 )
 from layermoe_cli.workdir import Workdir, run_step, session
 
@@ -68,6 +69,9 @@ def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
     if model not in ("base", "current") and not Path(model).is_dir():
         raise LayermoeError(f"--model must be base, current, or a checkpoint folder; {model} is none of them")
 
+    if model != "base":  # a changed or truncated model is refused before anything is measured
+        verify_checkpoint(workdir, manifest, checkpoint if model == "current" else workdir.rel(model))
+
     # The base model's figures are measured once per --max-tokens and cached in G0's record.
     base_record = manifest.generations[0].eval
     same_budget = base_record.config.get("max_tokens") == max_tokens
@@ -110,7 +114,7 @@ def _measure_into(workdir, manifest, record: EvalRecord, model_ref: str, languag
         if model_ref == "base":
             model, tokenizer = load_base(workdir, manifest, device=device)
         else:
-            model, tokenizer = load_checkpoint(workdir.resolve(model_ref), device=device)
+            model, tokenizer = load_recorded_checkpoint(workdir, manifest, model_ref, device=device)
         rec.model = model_ref
         with token_progress("eval") as update:
             results = evaluate_languages(model, tokenizer, texts, max_tokens=max_tokens, device=device, progress=update)

@@ -11,7 +11,7 @@ from rich.table import Table
 from layermoe_cli.console import console, err_console
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import Generation, Manifest, StepStatus
-from layermoe_cli.pipeline.common import load_generation_model, resolve_device, texts_for
+from layermoe_cli.pipeline.common import load_generation_model, record_checkpoint, resolve_device, texts_for
 from layermoe_cli.workdir import Workdir, fsync_dir, run_step, session
 
 # Logits of the expanded model must equal the base model's this closely (fp32). Copies of
@@ -23,8 +23,8 @@ PRESERVATION_BUG = 1e-3
 CHECKPOINT_DIR = "expanded"
 
 
-def run_expand(workdir: Workdir, *, budget=None, top_k=2, classifier_granularity="token", device="auto", force=False,
-               router_init=None, classifier="binary") -> None:
+def run_expand(workdir: Workdir, *, budget=None, top_k=None, classifier_granularity=None, device="auto", force=False,
+               router_init=None, classifier=None) -> None:
     with session(workdir):
         manifest = workdir.load()
         expand_generation(workdir, manifest, manifest.current, budget=budget, top_k=top_k,
@@ -32,9 +32,30 @@ def run_expand(workdir: Workdir, *, budget=None, top_k=2, classifier_granularity
                           router_init=router_init, classifier=classifier)
 
 
-def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generation, *, budget=None, top_k=2,
-                      classifier_granularity="token", device="auto", force=False, router_init=None,
-                      classifier="binary") -> None:
+DEFAULT_TOP_K = 2
+
+
+def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generation, *, budget=None, top_k=None,
+                      classifier_granularity=None, device="auto", force=False, router_init=None,
+                      classifier=None) -> None:
+    """Expand `generation`. G1 upcycles the base model with `top_k` and `classifier_granularity`;
+    G2 and later extend the previous model, whose top-k and granularity they keep (giving others
+    is refused), with `router_init` and `classifier` (default: what this generation used before)."""
+    if generation.index == 1:
+        top_k = DEFAULT_TOP_K if top_k is None else top_k
+        classifier_granularity = classifier_granularity or "token"
+    else:
+        first = manifest.generations[1].expansion.config
+        kept = {"top-k": (top_k, first.get("top_k", DEFAULT_TOP_K)),
+                "classifier-granularity": (classifier_granularity, first.get("classifier_granularity", "token"))}
+        for option, (given, model_value) in kept.items():
+            if given is not None and given != model_value:
+                raise LayermoeError(f"--{option} {given}: the {option} is chosen when G1 is expanded, and G{generation.index} "
+                                    f"keeps that of the model it extends ({model_value}): drop --{option}")
+        top_k, classifier_granularity = kept["top-k"][1], kept["classifier-granularity"][1]
+        recorded = generation.expansion.config
+        router_init = router_init or recorded.get("router_init")
+        classifier = classifier or recorded.get("classifier") or "generation"
     if top_k < 1:
         raise LayermoeError(f"--top-k must be at least 1, not {top_k}")
     if classifier_granularity not in ("token", "sequence"):
@@ -55,11 +76,61 @@ def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generati
     if out.exists() and not _is_ours(out):
         raise LayermoeError(f"{out} exists and is not a layermoe checkpoint: move it away or use another --workdir")
 
+    if generation.index == 1 and top_k > max(allocation.experts_per_layer):
+        raise LayermoeError(f"--top-k {top_k} is more than the most experts any layer has "
+                            f"({max(allocation.experts_per_layer)}): use at most that many")
     device = resolve_device(device)
+    _check_room(manifest, generation, device, out)
     config = dict(top_k=top_k, classifier_granularity=classifier_granularity, device=device, router_init=router_init,
                   classifier=classifier)
     with run_step(workdir, manifest, generation.expansion, f"expansion of G{generation.index}", config, force) as record:
         _expand(workdir, manifest, generation, record, out, top_k, classifier_granularity, device, router_init, classifier)
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for new tensors on `device` (CUDA: free device memory; CPU: available RAM)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    import psutil  # a dependency of accelerate
+
+    return int(psutil.virtual_memory().available)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def _check_room(manifest: Manifest, generation: Generation, device: str, out: Path) -> None:
+    """Refuse, before anything is allocated, an expansion that cannot fit in memory or on disk.
+
+    In float32, G1 holds the base model, its copy being upcycled and the new experts; later
+    generations extend the loaded model in place. The checkpoint is written beside the old one.
+    """
+    base = manifest.base_model
+    if not (base.num_parameters and base.hidden_size and base.intermediate_size):
+        return  # the shape is recorded by the profile; without it there is nothing to estimate
+    new_experts = sum(generation.allocation.new_experts_per_layer)
+    new = new_experts * 3 * base.hidden_size * base.intermediate_size
+    if generation.index == 1:
+        source, copies, what = base.num_parameters, 2, "the base model, its copy"
+    else:
+        source, copies, what = manifest.generations[generation.index - 1].expansion.total_parameters or 0, 1, "the model"
+    need = 4 * (copies * source + new)
+    free = available_memory(device)
+    if need > free:
+        raise LayermoeError(f"the expansion needs about {human_bytes(need)} of memory, but only {human_bytes(free)} are free "
+                            f"on {device} (float32: {what} and {new_experts:,} new experts): lower the budget")
+    disk = 4 * (source + new)
+    free_disk = shutil.disk_usage(next(parent for parent in out.parents if parent.exists())).free
+    if disk > free_disk:
+        raise LayermoeError(f"the expanded checkpoint needs about {human_bytes(disk)} of disk, but only "
+                            f"{human_bytes(free_disk)} are free under {out.parent}: free some space or lower the budget")
 
 
 def _is_ours(path: Path) -> bool:
@@ -108,7 +179,7 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
     total = sum(p.numel() for p in model.parameters())
     per_expert = 3 * base.hidden_size * base.intermediate_size
     idle = sum(max(0, n - min(top_k, n)) for n in model.config.experts_per_layer) * per_expert
-    record.checkpoint = workdir.rel(out)
+    record_checkpoint(workdir, record, out)  # sha256 of every file, verified whenever the model is read
     record.max_abs_logit_diff = diff
     record.total_parameters, record.active_parameters = total, total - idle
     record.added_parameters = total - base.num_parameters if base.num_parameters else None

@@ -13,7 +13,14 @@ from layermoe_cli.console import console, err_console
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import Generation, Manifest, StepStatus
 from layermoe_cli.pipeline.allocate import allocate_generation
-from layermoe_cli.pipeline.common import documents_for_tokens, latest_checkpoint, load_checkpoint, resolve_device, texts_for, token_progress
+from layermoe_cli.pipeline.common import (
+    documents_for_tokens,
+    latest_checkpoint,
+    load_recorded_checkpoint,
+    resolve_device,
+    texts_for,
+    token_progress,
+)
 from layermoe_cli.pipeline.expand import expand_generation
 from layermoe_cli.pipeline.profile import profile_generation
 from layermoe_cli.workdir import StepAlreadyDone, Workdir, session
@@ -62,10 +69,9 @@ def open_generation(manifest: Manifest, new: list[str]) -> Generation:
 def extend_generation(workdir: Workdir, manifest: Manifest, *, new, data=(), budget=None, new_experts=None,
                       tokens=100_000, classifier="generation", device="auto", router_init=DEFAULT_ROUTER_INIT,
                       drift_tokens=20_000, strategy="layerwise", classifier_layers=None, batch_tokens=8192, seed=0) -> Generation:
-    if classifier not in CLASSIFIER_MODES:
-        raise LayermoeError(f"unknown classifier mode {classifier!r}: use generation or binary")
-    if budget is None and new_experts is None:
-        raise LayermoeError("give --budget (δ, counting expert 0 of every layer) or --new-experts for the new generation")
+    _check_arguments(manifest, budget=budget, new_experts=new_experts, tokens=tokens, batch_tokens=batch_tokens,
+                     classifier=classifier, router_init=router_init, drift_tokens=drift_tokens, strategy=strategy,
+                     classifier_layers=classifier_layers)
     generation = open_generation(manifest, new)
     if generation.expansion.status == StepStatus.done and "bpb_drift" in generation.expansion.metrics:
         raise StepAlreadyDone(f"G{generation.index} ({', '.join(new)}) is open already: train it with "
@@ -84,6 +90,29 @@ def extend_generation(workdir: Workdir, manifest: Manifest, *, new, data=(), bud
     return generation
 
 
+def _check_arguments(manifest: Manifest, *, budget, new_experts, tokens, batch_tokens, classifier, router_init, drift_tokens,
+                     strategy, classifier_layers) -> None:
+    """Every argument of `extend`, checked before the profile (minutes on a real model) starts."""
+    from layermoe_cli import allocation as alloc
+    from layermoe_cli.modeling import ROUTER_INITS
+    from layermoe_cli.pipeline.allocate import resolve_budget
+
+    if classifier not in CLASSIFIER_MODES:
+        raise LayermoeError(f"unknown classifier mode {classifier!r}: use generation or binary")
+    if router_init not in ROUTER_INITS:
+        raise LayermoeError(f"unknown --router-init {router_init!r}: use {', '.join(ROUTER_INITS[:-1])} or {ROUTER_INITS[-1]}")
+    for option, value in (("--tokens", tokens), ("--batch-tokens", batch_tokens), ("--drift-tokens", drift_tokens)):
+        if value < 1:
+            raise LayermoeError(f"{option} must be positive, not {value}")
+    if budget is None and new_experts is None:
+        raise LayermoeError("give --budget (δ, counting expert 0 of every layer) or --new-experts for the new generation")
+    num_layers = manifest.base_model.num_layers
+    if num_layers:
+        delta = resolve_budget(budget, new_experts, num_layers)
+        k = alloc.default_classifier_k(num_layers) if classifier_layers is None else classifier_layers
+        alloc.validate_budget(num_layers, delta, k=k, strategy=strategy)
+
+
 def measure_drift(workdir: Workdir, manifest: Manifest, generation: Generation, device: str, max_tokens: int) -> dict:
     """Bits per byte of every earlier language, before and right after the extension (recorded in the manifest)."""
     from layermoe_cli.evaluation import evaluate_languages
@@ -93,7 +122,7 @@ def measure_drift(workdir: Workdir, manifest: Manifest, generation: Generation, 
              for lang in generation.old_languages}
     figures = {}
     for label, checkpoint in (("before", latest_checkpoint(previous)), ("after", generation.expansion.checkpoint)):
-        model, tokenizer = load_checkpoint(workdir.resolve(checkpoint), device=device)
+        model, tokenizer = load_recorded_checkpoint(workdir, manifest, checkpoint, device=device)
         with token_progress(f"bpb {label} extension") as update:
             figures[label] = {lang: r.bpb for lang, r in evaluate_languages(model, tokenizer, texts, max_tokens=max_tokens,
                                                                             device=device, progress=update).items()}

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from rich.table import Table
 
-from layermoe_cli.console import console, err_console
+from layermoe_cli.console import console
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import Generation, Manifest, StepStatus
+from layermoe_cli.pipeline.common import resolve_data_spec
 from layermoe_cli.workdir import StepAlreadyDone, Workdir, require_done, run_step, session
 
 
@@ -43,9 +44,7 @@ def stage_sources(workdir: Workdir, generation: Generation) -> dict:
 
     sources = {}
     for language, record in generation.data.items():
-        # Same resolution as pipeline.common.texts_for: a file spec is stored relative to the work dir.
-        spec = record.spec if record.kind in ("builtin", "hf") else str(workdir.resolve(record.spec))
-        sources[language] = Source(language, spec, record.text_field)
+        sources[language] = Source(language, resolve_data_spec(workdir, record, language), record.text_field)
     return sources
 
 
@@ -98,8 +97,8 @@ def prepare_generation(workdir: Workdir, manifest: Manifest, generation: Generat
     with run_step(workdir, manifest, record, f"preparing {label}", config, force=True) as rec:
         if force and path.exists():
             shutil.rmtree(path)
+        # (run_step marked every step built on this data pending: stage and eval, later generations)
         prepared = prepare(sources, gens, generation.index, selection, tokenizer, prepared_root(workdir), num_proc=num_proc)
-        _invalidate_training(generation, stage)
         rec.key, rec.data_dir = key, workdir.rel(prepared.path)
         rec.documents_per_language = prepared.documents_per_language
         rec.tokens_per_language = prepared.tokens_per_language
@@ -112,17 +111,6 @@ def prepare_generation(workdir: Workdir, manifest: Manifest, generation: Generat
         _drop_unused(workdir, manifest, previous)
     console.print(prepared_table(generation, stage, rec))
     return path
-
-
-def _invalidate_training(generation: Generation, stage: int) -> None:
-    """New data for a stage makes that stage, and what was trained from it, out of date."""
-    later = ("stage1", "stage2", "eval") if stage == 1 else ("stage2", "eval")
-    stale = [name for name in later if generation.step(name).status != StepStatus.pending]
-    for name in stale:
-        generation.step(name).status = StepStatus.pending
-    if stale:
-        err_console.print(f"[yellow]note:[/] {', '.join(stale)} of G{generation.index} now pending: "
-                          f"run `layermoe train --stage {stage}` on the new data", soft_wrap=True)
 
 
 def _drop_unused(workdir: Workdir, manifest: Manifest, stored: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from rich.table import Table
 
@@ -37,11 +38,25 @@ def describe_data(workdir: Workdir, languages: list[str], data_args: list[str], 
             continue
         spec = given.get(language, "builtin")
         info = describe_source(language, spec, text_field=text_field)
-        if info["kind"] not in ("builtin", "hf"):
-            spec = workdir.rel(spec)
-        records[language] = DataSourceRecord(spec=spec, kind=info["kind"], sha256=info["sha256"],
+        _check_enough_documents(language, spec, info.get("num_documents"), text_field, workdir)
+        absolute = None
+        if info["kind"] not in ("builtin", "hf"):  # a path: stored both ways, as the base model is
+            spec, absolute = workdir.rel(spec), str(Path(spec).resolve())
+        records[language] = DataSourceRecord(spec=spec, absolute_path=absolute, kind=info["kind"], sha256=info["sha256"],
                                              documents=info.get("num_documents"), text_field=text_field)
     return records
+
+
+def _check_enough_documents(language: str, spec: str, documents: int | None, text_field: str, workdir: Workdir) -> None:
+    """Refuse now a source that `eval` could not use later: it needs a held-out document and a training one."""
+    from layermoe_cli.data import load_texts
+
+    if documents is not None and documents < 2:
+        raise LayermoeError(f"data for {language!r}: {spec} has {documents} document{'' if documents == 1 else 's'}; "
+                            "layermoe holds some out for eval, so it needs at least 2 (one per line in a .txt file)")
+    if not load_texts(language, spec, split="heldout", limit=1, cache_dir=workdir.cache_dir / "datasets", text_field=text_field):
+        raise LayermoeError(f"data for {language!r}: no document of {spec} is held out for eval (are they all the same "
+                            "text?): give it more distinct documents")
 
 
 def new_manifest(workdir: Workdir, model: str | None, old: list[str], new: list[str]) -> Manifest:
@@ -68,6 +83,7 @@ def new_manifest(workdir: Workdir, model: str | None, old: list[str], new: list[
         hub_id=source.hub_id,
         revision=source.revision,
         gguf_file=source.gguf_file,
+        tensor_sha256=_base_tensor_digests(source),  # first: it leaves the files' sha256 memoised for the next line
         sha256=weights_sha256(source) if kind != "hub" else {},
     )
     return Manifest(
@@ -76,14 +92,21 @@ def new_manifest(workdir: Workdir, model: str | None, old: list[str], new: list[
     )
 
 
+def _base_tensor_digests(source) -> dict[str, dict[str, str]]:
+    """Per-tensor digests of a local base model's safetensors files (they name a tensor that changes later)."""
+    from layermoe_cli.integrity import safetensors_checksums
+
+    if source.kind != "local":
+        return {}
+    return {path.name: safetensors_checksums(path)[1] for path in sorted(source.path.glob("*.safetensors"))}
+
+
 def peek_model_type(source) -> str | None:
     """The architecture of a local or GGUF model, read without loading its weights."""
-    import json
-
-    from layermoe_cli.models import gguf_architecture
+    from layermoe_cli.models import _read_config_json, gguf_architecture
 
     if source.kind == "local":
-        return json.loads((source.path / "config.json").read_text()).get("model_type")
+        return _read_config_json(source.path).get("model_type")
     if source.kind == "gguf":
         return gguf_architecture(source.gguf_path)
     return None

@@ -62,7 +62,47 @@ def load_recipe(path: str | Path) -> Recipe:
         raise LayermoeError(f"recipe {path}: `{where}`: {first['msg']}")
     if not recipe.generations or not recipe.generations[0].old:
         raise LayermoeError(f"recipe {path}: the first generation needs `old:` (the base model's languages)")
+    _check_step_options(path, recipe)
     return recipe
+
+
+def _options_of(function, *given: str) -> set[str]:
+    """The keyword options of a step function that a recipe may set (not those the runner passes itself)."""
+    import inspect
+
+    parameters = inspect.signature(function).parameters
+    return {name for name, p in parameters.items() if p.kind == p.KEYWORD_ONLY} - set(given)
+
+
+def _check_step_options(path: Path, recipe: Recipe) -> None:
+    """Every option of every step names a real option of that step: checked before anything runs."""
+    from layermoe_cli.pipeline.allocate import allocate_generation
+    from layermoe_cli.pipeline.evaluate import evaluate_generation
+    from layermoe_cli.pipeline.expand import expand_generation
+    from layermoe_cli.pipeline.extend import extend_generation
+    from layermoe_cli.pipeline.profile import profile_generation
+    from layermoe_cli.training.config import load_train_config
+
+    first = {"profile": _options_of(profile_generation, "data", "device"),
+             "allocate": _options_of(allocate_generation),
+             "expand": _options_of(expand_generation, "device")}
+    later = _options_of(extend_generation, "new", "data", "device")  # profile, allocate and expand go to `extend`
+    evaluate = _options_of(evaluate_generation, "device")
+    for number, spec in enumerate(recipe.generations):
+        sections = {name: (getattr(spec, name), first[name] if number == 0 else later) for name in first}
+        sections["eval"] = (spec.eval, evaluate)
+        for name, (options, allowed) in sections.items():
+            unknown = sorted(set(options or {}) - allowed)
+            if unknown:
+                raise LayermoeError(f"recipe {path}: `generations.{number}.{name}` has no option {unknown[0]!r} "
+                                    f"(it takes {', '.join(sorted(allowed))})")
+        for stage in (1, 2):
+            options = getattr(spec, f"stage{stage}")
+            if options is not None:
+                try:
+                    load_train_config(None, stage=stage, **options)
+                except LayermoeError as e:
+                    raise LayermoeError(f"recipe {path}: `generations.{number}.stage{stage}`: {e}") from None
 
 
 def _skip_done(step, *args, **kwargs) -> None:
@@ -143,25 +183,39 @@ def run_demo(workdir: Workdir, compare: bool = False) -> None:
 
 
 def _demo_summary(manifest: Manifest) -> None:
+    """One row per generation. Forgetting is measured against the model before the generation (G1: the
+    base model; G2: G1's), as report.md does: against the base, G2's old languages would mix in G1's gain."""
     from rich.table import Table
 
+    from layermoe_cli.evaluation import forgetting_and_gain
+
     table = Table(title="demo summary: held-out bits per byte (lower is better)", title_justify="left")
-    for column in ("generation", "new experts", "Old-avg before → after", "New-avg before → after"):
+    for column in ("generation", "new experts", "Old-avg before → after", "forgetting", "New-avg base → after", "gain"):
         table.add_column(column, justify="left" if column == "generation" else "right")
+    known = manifest.generation_of_language()
     base = {lang: r.bpb for lang, r in manifest.generations[0].eval.languages.items()}
+    before = base  # the model before the generation
     for generation in manifest.generations[1:]:
         figures = {lang: r.bpb for lang, r in generation.eval.languages.items()}
-        old = [lang for lang in generation.old_languages if lang in figures and lang in base]
+        old = [lang for lang in generation.old_languages if lang in figures and lang in before]
         new = [lang for lang in generation.new_languages if lang in figures and lang in base]
 
         def avg(values):
             return sum(values) / len(values) if values else float("nan")
 
+        def signed(value):
+            return "—" if value is None else f"{round(value, 3) + 0.0:+.3f}"
+
+        forgetting = forgetting_and_gain(figures, before, known, generation.index)["forgetting"] if figures else None
+        gain = forgetting_and_gain(figures, base, known, generation.index)["gain"] if figures else None
         table.add_row(
             f"G{generation.index} (+{', '.join(generation.new_languages)})",
             str(sum(generation.allocation.new_experts_per_layer or [])),
-            f"{avg([base[x] for x in old]):.3f} → {avg([figures[x] for x in old]):.3f}",
+            f"{avg([before[x] for x in old]):.3f} → {avg([figures[x] for x in old]):.3f}",
+            signed(forgetting),
             f"{avg([base[x] for x in new]):.3f} → {avg([figures[x] for x in new]):.3f}",
+            signed(gain),
         )
+        before = figures or before
     console.print(table)
     console.print("report: report.md in the work dir")

@@ -16,6 +16,7 @@ from pathlib import Path
 from layermoe_cli.console import err_console
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import Generation, Manifest, StepStatus
+from layermoe_cli.pipeline.common import record_checkpoint, verify_checkpoint
 from layermoe_cli.pipeline.prepare import ensure_prepared, prepared_root, stage_key, stage_tokenizer, with_prepared_settings
 from layermoe_cli.workdir import StepAlreadyDone, Workdir, require_done, run_step, session
 
@@ -27,6 +28,9 @@ def _rank() -> int:
 def run_train(workdir: Workdir, *, stage: int, recipe=None, overrides=None, force=False, num_proc=None) -> None:
     from layermoe_cli.training.config import load_train_config
 
+    if stage not in (1, 2):
+        raise LayermoeError(f"--stage {stage}: there are two training stages, 1 (new experts learn the new languages) "
+                            "and 2 (routers learn to protect the old ones)")
     config = load_train_config(recipe, stage=stage, **(overrides or {}))
     if num_proc is not None and num_proc < 1:
         raise LayermoeError("--num-proc must be at least 1")
@@ -37,6 +41,7 @@ def run_train(workdir: Workdir, *, stage: int, recipe=None, overrides=None, forc
         generation = manifest.current
         if generation.step(f"stage{stage}").status == StepStatus.done and not force:
             return
+        _verify_source(workdir, manifest, generation, stage)
         config = with_prepared_settings(generation, stage, config)
         key = stage_key(workdir, manifest, generation, Selection.of(config), stage_tokenizer(workdir, generation))
         prepared = wait_for_prepared(prepared_root(workdir) / key)  # rank 0 prepares it if needed
@@ -57,6 +62,7 @@ def train_generation(workdir: Workdir, manifest: Manifest, generation: Generatio
     label = f"stage {stage} of G{generation.index}"
     if record.status == StepStatus.done and not force:
         raise StepAlreadyDone(f"{label} is done already (use --force to redo it)")
+    _verify_source(workdir, manifest, generation, stage)  # before --force clears anything
     config = with_prepared_settings(generation, stage, config)
     prepared_dir, fresh = ensure_prepared(workdir, manifest, generation, stage, config, num_proc=num_proc)
 
@@ -68,7 +74,7 @@ def train_generation(workdir: Workdir, manifest: Manifest, generation: Generatio
         if force or fresh:  # redo from scratch; otherwise a stale run resumes from its checkpoints
             _clear_checkpoints(workdir, generation, stage)
         result = _train(workdir, manifest, generation, stage, config, prepared_dir)
-        rec.checkpoint = workdir.rel(_output_dir(workdir, generation, stage))
+        record_checkpoint(workdir, rec, _output_dir(workdir, generation, stage))
         rec.steps, rec.tokens_seen = result.steps, result.tokens_seen
         rec.final_losses = dict(result.final_losses)
         rec.frozen_checksums = dict(result.frozen_checksums)
@@ -78,6 +84,15 @@ def train_generation(workdir: Workdir, manifest: Manifest, generation: Generatio
                        if key in ("trainable_groups", "trainable_parameters", "frozen_parameters", "resumed_from_step", "data",
                                   "trainable_checksum_by_rank")}
         rec.metrics["data"]["prepared"] = workdir.rel(prepared_dir)
+
+
+def _source(generation: Generation, stage: int) -> str:
+    """The model a stage starts from: the expansion (stage 1) or stage 1's output (stage 2)."""
+    return generation.expansion.checkpoint if stage == 1 else generation.stage1.checkpoint
+
+
+def _verify_source(workdir: Workdir, manifest: Manifest, generation: Generation, stage: int) -> None:
+    verify_checkpoint(workdir, manifest, _source(generation, stage))
 
 
 def _output_dir(workdir: Workdir, generation: Generation, stage: int) -> Path:
@@ -97,7 +112,7 @@ def _clear_checkpoints(workdir, generation, stage) -> None:
 def _train(workdir: Workdir, manifest: Manifest, generation: Generation, stage: int, config, prepared_dir: Path):
     from layermoe_cli.training import train_stage
 
-    source = generation.expansion.checkpoint if stage == 1 else generation.stage1.checkpoint
+    source = _source(generation, stage)
     return train_stage(
         model_dir=workdir.resolve(source),
         output_dir=_output_dir(workdir, generation, stage),

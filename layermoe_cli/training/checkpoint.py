@@ -176,6 +176,21 @@ def publish(root: Path, step: int, keep: int) -> Path:
     return target
 
 
+def checkpoint_files(stage_dir: Path) -> dict[str, dict]:
+    """sha256 (and per-tensor digests) of every file of a checkpoint being written, for its state.json."""
+    from layermoe_cli.integrity import file_checksums
+
+    return file_checksums(stage_dir, exclude=("state.json", COMPLETE), recursive=True)
+
+
+def verify_checkpoint_files(directory: Path, state: dict) -> None:
+    """Refuse to resume from a checkpoint whose files changed since they were written (one line)."""
+    from layermoe_cli.integrity import check_files
+
+    check_files(directory, state.get("files") or {}, shown=str(directory), written_by="training (a resume checkpoint)",
+                fix=f"delete {directory} to resume from an earlier checkpoint, or redo the stage with --force")
+
+
 def write_json(path: Path, payload: dict) -> None:
     Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

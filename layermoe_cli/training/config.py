@@ -90,7 +90,10 @@ def load_train_config(recipe: str | Path | None = None, **overrides) -> TrainCon
         path = Path(recipe)
         if not path.is_file():
             raise LayermoeError(f"training recipe not found: {path}; pass an existing YAML file")
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise LayermoeError(f"training recipe {path} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(loaded, dict):
             raise LayermoeError(f"training recipe {path} must be a YAML mapping of TrainConfig fields")
         values.update(loaded)

@@ -407,10 +407,11 @@ def train_stage(
     else:
         trainable_names = freeze_for_stage(model, config.stage, current_generation)
     params = dict(model.named_parameters())
-    classifier_routing = None if dense else model.config.classifier_routing
-    if config.stage == 1 and not dense:
-        # The classifier is untrained until stage 2: let the router alone decide routing now.
-        model.set_classifier_routing(False)
+    if not dense:
+        # The classifier is trained in stage 2 only. Stage 1 trains and saves with the router alone
+        # deciding (an untrained classifier would send random new-language tokens to expert 0);
+        # stage 2 turns classifier routing on, and its output keeps it on.
+        model.set_classifier_routing(config.stage == 2)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -463,6 +464,7 @@ def train_stage(
                 f"{ckpt_root} holds checkpoints of a different run (model, data, settings or process count differ); "
                 "use a fresh work dir or delete that folder"
             )
+        ckpt.verify_checkpoint_files(last, state)
         if is_sharded(accelerator):
             accelerator.load_state(str(last / "accelerate"))
         else:
@@ -494,12 +496,13 @@ def train_stage(
         torch.save(ckpt.rng_state(), stage_dir / f"rng-rank{rank}.pt")
         if main:
             torch.save(scheduler.state_dict(), stage_dir / "scheduler.pt")
+        accelerator.wait_for_everyone()
+        if main:  # every rank's files are written: record them, verified when a run resumes from here
             ckpt.write_json(
                 stage_dir / "state.json",
-                {"step": step, "position": step * blocks_per_step, "tokens_seen": tokens_seen, "fingerprint": fingerprint},
+                {"step": step, "position": step * blocks_per_step, "tokens_seen": tokens_seen, "fingerprint": fingerprint,
+                 "files": ckpt.checkpoint_files(stage_dir)},
             )
-        accelerator.wait_for_everyone()
-        if main:
             ckpt.publish(ckpt_root, step, config.keep_checkpoints)
         accelerator.wait_for_everyone()
 
@@ -612,7 +615,7 @@ def train_stage(
             final.save_pretrained(output_dir, safe_serialization=True)
             tokenizer.save_pretrained(output_dir)
         else:
-            final.set_classifier_routing(classifier_routing)
+            final.set_classifier_routing(config.stage == 2)
             save_layermoe(final, output_dir, tokenizer)
 
     num = {n: p.numel() for n, p in params.items()}
