@@ -182,6 +182,8 @@ def train(
     precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp32"),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every"),
     seed: Optional[int] = typer.Option(None),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="Experiment trackers: tensorboard, wandb, mlflow (comma-separated), all, none, or auto (tensorboard when installed). wandb offline: WANDB_MODE=offline."),
+    process_group_timeout: Optional[int] = typer.Option(None, "--process-group-timeout", help="Minutes a collective call may wait for a slow rank (default 60)."),
     force: bool = typer.Option(False, "--force"),
 ) -> None:
     """Train stage 1 or 2 (resumes from the last checkpoint after a crash)."""
@@ -189,7 +191,8 @@ def train(
 
     overrides = dict(max_steps=max_steps, token_budget=token_budget, learning_rate=learning_rate, seq_len=seq_len,
                      micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps, precision=precision,
-                     checkpoint_every=checkpoint_every, seed=seed, tokens_per_language=tokens_per_language)
+                     checkpoint_every=checkpoint_every, seed=seed, tokens_per_language=tokens_per_language,
+                     report_to=report_to, process_group_timeout_minutes=process_group_timeout)
     _call(run_train, ctx.obj, stage=stage, recipe=recipe, overrides={k: v for k, v in overrides.items() if v is not None},
           force=force, num_proc=num_proc)
 

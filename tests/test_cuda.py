@@ -197,3 +197,37 @@ def test_bf16_chain_to_g2_keeps_frozen_weights(tmp_path, device):
     assert any(not torch.equal(_weights(run / g2.expansion.checkpoint)[n], after[n]) for n in after if ".experts.g2." in n)
     figures = g2.eval.languages
     assert set(figures) == {"en", "el", "hu", "tr"} and all(r.bpb > 0 for r in figures.values())
+
+
+# ---------------------------------------------------------------------------------------
+# FSDP2 with one process, through accelerate launch: the code path of a multi-GPU run
+# ---------------------------------------------------------------------------------------
+def test_fsdp2_with_one_process_equals_a_plain_run(tmp_path, device):
+    import json
+    import subprocess
+    import sys
+
+    from test_distributed import _LAUNCHED_RUN
+    from test_training import GENS, REPO, _corpus, _env, _expanded, _free_port, _small_config, _weights as weights_of
+
+    from layermoe_cli.training import train_stage
+
+    expanded = _expanded(tmp_path, hidden_size=64, intermediate_size=128)
+    train, _ = _corpus(40)
+    config = _small_config(1, max_steps=4, micro_batch_size=2, precision="fp32")
+    script = tmp_path / "launched_run.py"
+    script.write_text(_LAUNCHED_RUN)
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps(dict(model_dir=str(expanded), output_dir=str(tmp_path / "fsdp_out"), texts=train, gens=GENS,
+                                    config=config.model_dump(mode="json"), work_dir=str(tmp_path / "fsdp_work"),
+                                    result=str(tmp_path / "fsdp_result.json"))))
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(REPO / "recipes/accelerate/fsdp2.yaml"), "--num_processes", "1", "--main_process_port",
+                          str(_free_port()), str(script), str(args)], env=_env(), capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "fsdp_result.json").read_text())
+    assert result["distributed"]["type"] == "FSDP" and result["distributed"]["sharded_parameters"] > 0
+    train_stage(expanded, tmp_path / "plain_out", train, GENS, 1, config, tmp_path / "plain_work")
+    got, want = weights_of(tmp_path / "fsdp_out"), weights_of(tmp_path / "plain_out")
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=0, atol=1e-5), name

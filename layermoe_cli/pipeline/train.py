@@ -31,9 +31,12 @@ def run_train(workdir: Workdir, *, stage: int, recipe=None, overrides=None, forc
     if stage not in (1, 2):
         raise LayermoeError(f"--stage {stage}: there are two training stages, 1 (new experts learn the new languages) "
                             "and 2 (routers learn to protect the old ones)")
+    from layermoe_cli.training.distributed import check_settings
+
     config = load_train_config(recipe, stage=stage, **(overrides or {}))
     if num_proc is not None and num_proc < 1:
         raise LayermoeError("--num-proc must be at least 1")
+    check_settings(config)  # a launch or tracker that cannot work here: before preparing anything
     if _rank() != 0:
         from layermoe_cli.data import Selection, wait_for_prepared
 
@@ -82,7 +85,7 @@ def train_generation(workdir: Workdir, manifest: Manifest, generation: Generatio
         rec.outputs = {"checkpoint": rec.checkpoint, "log": workdir.rel(run_dir / "train_log.jsonl")}
         rec.metrics = {key: value for key, value in result.to_dict().items()
                        if key in ("trainable_groups", "trainable_parameters", "frozen_parameters", "resumed_from_step", "data",
-                                  "trainable_checksum_by_rank")}
+                                  "trainable_checksum_by_rank", "distributed")}
         rec.metrics["data"]["prepared"] = workdir.rel(prepared_dir)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -61,8 +62,8 @@ def resolve_trackers(report_to: str) -> list[str]:
     wanted = list(TRACKERS) if choice == "all" else [t.strip() for t in choice.split(",") if t.strip()]
     unknown = [t for t in wanted if t not in TRACKERS]
     if unknown or not wanted:
-        raise LayermoeError(f"unknown tracker {', '.join(unknown) or report_to!r} in --report-to: "
-                            f"use {', '.join(TRACKERS)}, all, none or auto")
+        named = ", ".join(unknown) if unknown else repr(report_to)
+        raise LayermoeError(f"unknown tracker {named} in --report-to: use {', '.join(TRACKERS)}, all, none or auto")
     missing = [t for t in wanted if not _installed(t)]
     if missing:
         raise LayermoeError(f"--report-to {','.join(missing)} needs the package{'s' if len(missing) > 1 else ''} "
@@ -79,10 +80,19 @@ def check_launch_environment() -> None:
         raise LayermoeError("the accelerate config asks for DeepSpeed, which is not installed: pip install deepspeed")
 
 
-def make_accelerator(config, project_dir=None):
-    """The Accelerator of a stage, as the launch's config says; see the module docstring."""
+def check_settings(config) -> None:
+    """What `make_accelerator` would refuse, checked before any long work (prepare, loading)."""
+    check_launch_environment()
+    resolve_trackers(config.report_to)
+
+
+def make_accelerator(config, run_dir=None):
+    """The Accelerator of a stage, as the launch's config says; see the module docstring.
+
+    Trackers write under `<run_dir>/logs/` (tensorboard, mlflow; wandb's offline files too).
+    """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     check_launch_environment()
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[resolve_precision(config.precision)]
@@ -98,10 +108,13 @@ def make_accelerator(config, project_dir=None):
         cpu=not torch.cuda.is_available(),  # no other device exists; the launch config decides the rest
         kwargs_handlers=handlers,
         log_with=trackers or None,
-        project_dir=None if project_dir is None else str(project_dir),
+        project_config=None if run_dir is None else ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "logs")),
     )
     if _flag("ACCELERATE_USE_FSDP") and not torch.cuda.is_available():
-        _fsdp_on_cpu(accelerator, mixed)
+        _fsdp_on_cpu(accelerator)
+    if accelerator.is_fsdp2:
+        _fp32_weights_under_fsdp2(accelerator.state.fsdp_plugin)
     check_distributed(accelerator.distributed_type, accelerator.num_processes, launched_world_size())
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:  # no DataLoader goes through prepare(): DeepSpeed needs the micro-batch size
@@ -109,7 +122,7 @@ def make_accelerator(config, project_dir=None):
     return accelerator
 
 
-def _fsdp_on_cpu(accelerator, mixed_precision: str) -> None:
+def _fsdp_on_cpu(accelerator) -> None:
     """Apply the launch's FSDP config to a CPU run (accelerate itself runs CPU processes as DDP only)."""
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -117,13 +130,23 @@ def _fsdp_on_cpu(accelerator, mixed_precision: str) -> None:
     plugin = FullyShardedDataParallelPlugin()  # reads FSDP_* from the launch's environment
     if plugin.fsdp_version != 2:
         raise LayermoeError("FSDP on the CPU needs fsdp_version: 2 in the accelerate config (FSDP1 needs GPUs)")
-    if mixed_precision != "no":
-        plugin.set_mixed_precision(mixed_precision)
     # As AcceleratorState does for FSDP on GPUs: both shared states say FSDP (a later
     # AcceleratorState() copies PartialState's type back over its own).
     accelerator.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
+
+
+def _fp32_weights_under_fsdp2(plugin) -> None:
+    """Gather and reduce in fp32 under FSDP2; accelerate's autocast still computes in bf16.
+
+    accelerate's bf16 policy would all-gather every weight in bf16, so routers and classifiers
+    would route from rounded weights and bf16 hidden states. Keeping them fp32 (as under DDP)
+    keeps the top-k exact, at twice the all-gather bytes of a bf16 policy.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 
 
 def check_distributed(distributed_type, num_processes: int, world_size: int) -> None:

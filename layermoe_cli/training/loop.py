@@ -49,6 +49,7 @@ class TrainResult:
     resumed_from_step: int | None
     output_dir: str
     data: dict = field(default_factory=dict)  # documents / tokens per language, blocks, seq_len
+    distributed: dict = field(default_factory=dict)  # type, processes, parameters held as sharded DTensors
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -247,7 +248,7 @@ class _Reporter:
         self.trackers = bool(accelerator.log_with)
         if self.trackers:  # collective-free: only the main process holds trackers
             accelerator.init_trackers("layermoe", config=_scalars(run_config), init_kwargs={
-                "wandb": {"name": run_name}, "mlflow": {"run_name": run_name}})
+                "wandb": {"name": run_name, "dir": accelerator.logging_dir}, "mlflow": {"run_name": run_name}})
         if not self.enabled:
             return
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -380,7 +381,7 @@ def train_stage(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data = PackedData(prepared, config.seq_len, pad_id)
 
-    accelerator = accelerator or make_accelerator(config, project_dir=work_dir)
+    accelerator = accelerator or make_accelerator(config, run_dir=work_dir)
     main = accelerator.is_main_process
     set_seed(config.seed)
 
@@ -446,6 +447,8 @@ def train_stage(
     scheduler = make_scheduler(optimizer, config, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    distributed = {"type": accelerator.distributed_type.value, "processes": world,
+                   "sharded_parameters": sum(type(p).__name__ == "DTensor" for p in model.parameters())}
 
     # ---- resume
     start_step, tokens_seen, resumed_from = 0, 0, None
@@ -632,6 +635,7 @@ def train_stage(
         trainable_checksum_by_rank=list(checksum_by_rank),
         resumed_from_step=resumed_from,
         output_dir=str(output_dir),
+        distributed=distributed,
         data={
             "languages": data.languages,
             "documents_per_language": data.documents_per_language,
