@@ -282,7 +282,11 @@ def test_without_a_terminal_progress_is_a_plain_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(consoles, "err_console", plain)
     log.truncate(0), log.seek(0)
-    reporter = _Reporter(tmp_path / "log.jsonl", tmp_path / "tb", total_steps=3, start_step=0, show_progress=True, enabled=True)
+    from types import SimpleNamespace
+
+    no_trackers = SimpleNamespace(is_main_process=True, log_with=[])  # the accelerator as the reporter sees it
+    reporter = _Reporter(tmp_path / "log.jsonl", total_steps=3, start_step=0, show_progress=True, accelerator=no_trackers,
+                         run_config={}, run_name="g1-stage1")
     reporter.step(1, None)
     reporter.step(2, {"loss": 1.23456, "step": 2, "tokens_per_s": 1234.4, "elapsed_s": 2.2, "eta_s": 1.1})
     reporter.close()
