@@ -8,9 +8,8 @@ import re
 
 import pytest
 
+from layermoe_cli.data.split import _split_fixup, _unit_hash
 from layermoe_cli.data import (
-    _split_fixup,
-    _unit_hash,
     builtin_corpus_path,
     builtin_languages,
     describe_source,

@@ -33,7 +33,7 @@ from layermoe_cli.data.sources import (
     parse_data_args,
     source_kind,
 )
-from layermoe_cli.data.split import HELDOUT_FRACTION, _split_fixup, _unit_hash, is_heldout
+from layermoe_cli.data.split import HELDOUT_FRACTION, is_heldout
 from layermoe_cli.data.tokenize import id_dtype, tokenizer_fingerprint, usable_cores
 
 __all__ = [

@@ -50,6 +50,7 @@ from layermoe_cli.data.sources import CHUNK_BYTES, Source, no_document_error, so
 from layermoe_cli.data.split import HELDOUT_FRACTION
 from layermoe_cli.data.tokenize import Task, TokenizerPool, id_dtype, tokenizer_fingerprint, usable_cores
 from layermoe_cli.errors import LayermoeError
+from layermoe_cli.workdir import fsync_path
 from layermoe_cli.progress import RateProgress, Throttle, human
 
 SHUFFLE_BUFFER = 10_000  # documents
@@ -180,14 +181,6 @@ def is_prepared(path: Path) -> bool:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Partial:
@@ -432,12 +425,12 @@ def _finish(partial: _Partial, final: Path, selection: Selection, generation_of_
     }
     (path / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     for name in ("tokens.bin", "lengths.npy", "order.npy", "meta.json"):
-        _fsync(path / name)
-    _fsync(path)
+        fsync_path(path / name)
+    fsync_path(path)
     if final.exists():  # a damaged or foreign directory under our key: replace it
         shutil.rmtree(final)
     os.rename(path, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
 
 
 # --------------------------------------------------------------------------- several processes

@@ -12,7 +12,7 @@ from layermoe_cli.console import console, err_console
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import Generation, Manifest, StepStatus
 from layermoe_cli.pipeline.common import load_generation_model, record_checkpoint, resolve_device, texts_for
-from layermoe_cli.workdir import Workdir, fsync_dir, run_step, session
+from layermoe_cli.workdir import Workdir, fsync_path, run_step, session
 
 # Logits of the expanded model must equal the base model's this closely (fp32). Copies of
 # expert 0 mixed with weights that sum to 1 only up to rounding leave ~1 ulp per layer, which
@@ -173,7 +173,7 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
     save_layermoe(model, staging, tokenizer=tokenizer)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
-    fsync_dir(out.parent)
+    fsync_path(out.parent)
 
     base = manifest.base_model
     total = sum(p.numel() for p in model.parameters())

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from layermoe_cli.errors import LayermoeError
-from layermoe_cli.workdir import fsync_dir
+from layermoe_cli.workdir import fsync_path
 
 COMPLETE = "COMPLETE"
 _PREFIX = "step-"
@@ -158,7 +158,7 @@ def _fsync_tree(directory: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    fsync_dir(directory)
+    fsync_path(directory)
 
 
 def publish(root: Path, step: int, keep: int) -> Path:
@@ -170,7 +170,7 @@ def publish(root: Path, step: int, keep: int) -> Path:
     if target.exists():  # a complete checkpoint of the same step from an earlier attempt
         shutil.rmtree(target)
     os.replace(stage, target)
-    fsync_dir(Path(root))
+    fsync_path(Path(root))
     for old in checkpoint_dirs(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target

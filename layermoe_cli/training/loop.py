@@ -29,7 +29,7 @@ import torch
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.training import checkpoint as ckpt
 from layermoe_cli.training.config import TrainConfig
-from layermoe_cli.training.distributed import is_sharded, make_accelerator, resolve_precision  # noqa: F401 (re-exported)
+from layermoe_cli.training.distributed import is_sharded, make_accelerator
 from layermoe_cli.training.losses import classifier_over_layers, load_balancing_over_layers, lpr_over_layers
 from layermoe_cli.data import PackedData, Selection, Source, block_indices, open_prepared, prepare_or_wait
 
