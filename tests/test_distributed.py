@@ -5,7 +5,6 @@ accelerate configs, dtype-independent frozen checks, trackers and what they log.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from datetime import timedelta

@@ -370,7 +370,7 @@ def test_an_absurd_budget_and_top_k_are_refused(tmp_path, expanded, monkeypatch)
     import layermoe_cli.pipeline.expand as expand_step
 
     monkeypatch.setattr(expand_step, "available_memory", lambda device: 1000)
-    line = assert_one_line_error(layermoe(workdir, "expand", "--force"), "of memory, but only 1.0 kB are free on cpu")
+    assert_one_line_error(layermoe(workdir, "expand", "--force"), "of memory, but only 1.0 kB are free on cpu")
     assert snapshot(workdir) == before
 
 
