@@ -51,8 +51,8 @@ def chain(tmp_path_factory):
     moved = root / "elsewhere" / "run"  # the work dir moves to another path mid-chain
     moved.parent.mkdir()
     shutil.move(first, moved)
-    extend = layermoe(moved, "extend", "--new", "bn,hi", "--budget", "7", "--tokens", "600", "--drift-tokens", "200",
-                      "--classifier-layers", "2")
+    layermoe(moved, "eval", "--max-tokens", "200")  # its figures serve as the drift check's "before"
+    extend = layermoe(moved, "extend", "--new", "bn,hi", "--budget", "7", "--tokens", "600", "--classifier-layers", "2")
     layermoe(moved, "train", "--stage", "1", *TRAIN)
     layermoe(moved, "train", "--stage", "2", *TRAIN)
     return moved, extend
@@ -108,6 +108,16 @@ def test_drift_of_earlier_languages_is_recorded(chain):
         assert drift == pytest.approx(metrics["bpb_after_extension"][lang] - metrics["bpb_before_extension"][lang])
     assert metrics["bpb_drift_max"] == max(abs(d) for d in metrics["bpb_drift"].values())
     assert "earlier languages right after opening G2" in extend.output
+
+
+def test_drift_before_extension_is_g1s_eval_not_a_second_measurement(chain):
+    workdir, extend = chain
+    manifest = Workdir(workdir).load()
+    g1_eval, metrics = manifest.generations[1].eval, manifest.generations[2].expansion.metrics
+    assert metrics["drift_tokens"] == g1_eval.config["max_tokens"] == 200  # the cap follows G1's eval
+    assert metrics["bpb_before_extension"] == {lang: g1_eval.languages[lang].bpb for lang in ("en", "el", "hu")}
+    assert "bpb before extension: g1/stage2 was measured on these texts already (eval cache)" in extend.stderr
+    assert "bpb after extension:" not in extend.stderr
 
 
 def test_killed_recipe_resumes_where_it_stopped(tmp_path):

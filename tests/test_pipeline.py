@@ -266,3 +266,94 @@ def test_expand_before_allocate_and_a_layer_count_mismatch(tmp_path, expanded):
     result = layermoe(workdir, "expand", "--force")
     assert_one_line_error(result, "the allocation has 3 layers but the model has 4")
     assert snapshot(workdir) == before
+
+
+# --- eval on the user's own test sets, the eval cache -------------------------------------
+
+
+def test_own_test_sets_equal_a_direct_computation_and_a_rerun_is_cached(tmp_path, expanded):
+    from layermoe_cli.evaluation import evaluate_languages
+    from layermoe_cli.pipeline.common import load_checkpoint
+
+    workdir = tmp_path / "run"
+    shutil.copytree(expanded, workdir)
+    greek, swahili = tmp_path / "el_test.txt", tmp_path / "sw_test.txt"
+    greek.write_text("Καλημέρα σας, τι κάνετε σήμερα;\nΤο βιβλίο είναι στο τραπέζι.\n", encoding="utf-8")
+    swahili.write_text("Habari ya asubuhi, rafiki yangu.\n", encoding="utf-8")
+    args = ["eval", "--max-tokens", "200", "--data", f"el={greek}", "--data", f"sw={swahili}", "--json"]
+    result = layermoe(workdir, *args)
+    assert result.exit_code == 0, result.output
+    numbers = json.loads(result.stdout)
+    el, sw = (numbers["test_sets"][f"{lang}=../{path.name}"] for lang, path in (("el", greek), ("sw", swahili)))
+    assert (el["transfer"], el["generation"], sw["transfer"], sw["generation"]) == (False, 1, True, None)
+    model, tok = load_checkpoint(workdir / "g1" / "expanded")
+    direct = evaluate_languages(model, tok, {"el": greek.read_text().splitlines(), "sw": swahili.read_text().splitlines()})
+    assert el["bpb"] == direct["el"].bpb and sw["bpb"] == direct["sw"].bpb  # in full: no token cap on test sets
+    assert el["tokens"] == direct["el"].tokens and el["documents"] == 2
+    assert el["base_bpb"] == pytest.approx(el["bpb"], abs=1e-5)  # expanded == base right after expand
+    assert set(numbers["languages"]) == {"en", "el", "hu"}  # the held-out split beside them
+    report = (workdir / "report.md").read_text()
+    assert "## Your test sets" in report and "| sw=../sw_test.txt | sw | transfer |" in report
+
+    before = snapshot(workdir)
+    again = layermoe(workdir, *args)
+    assert again.exit_code == 0, again.output
+    assert "eval of G1 is up to date: the model (sha256 " in again.stderr
+    assert json.loads(again.stdout) == numbers
+    assert snapshot(workdir) == before  # nothing measured, nothing written
+
+
+def test_eval_cache_hits_by_checksum_and_misses_when_the_weights_change(tmp_path, tiny):
+    from safetensors.torch import load_file, save_file
+
+    from layermoe_cli.models import ModelSource
+    from layermoe_cli.pipeline.common import load_checkpoint
+    from layermoe_cli.pipeline.eval_cache import EvalCache, EvalJob, ModelUnderTest, measure_cached
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny, model_dir)
+    loads = []
+
+    def under_test() -> ModelUnderTest:
+        def loader(device):
+            loads.append(device)
+            from layermoe_cli.models import load_model
+
+            return load_model(ModelSource("local", str(model_dir), path=model_dir), device=device)
+
+        return ModelUnderTest("m", ModelSource("local", str(model_dir), path=model_dir), loader)
+
+    cache = EvalCache(tmp_path / "cache")
+    jobs = [EvalJob("en", "en", ["Hello world, this is a test."]), EvalJob("el", "el", ["Καλημέρα κόσμε"])]
+    first = measure_cached(cache, under_test(), jobs, device="cpu")
+    assert first.measured == ["en", "el"] and len(loads) == 1
+    hit = measure_cached(cache, under_test(), jobs, device="cpu")  # a new process would see the same: keyed by checksum
+    assert hit.measured == [] and len(loads) == 1 and hit.evals == first.evals
+    other_texts = [EvalJob("en", "en", ["Another text entirely."])]
+    assert measure_cached(cache, under_test(), other_texts, device="cpu").measured == ["en"]
+    weights = load_file(str(model_dir / "model.safetensors"))
+    name = next(n for n in weights if "embed" in n)
+    weights[name] = weights[name] + 0.01  # same size and name, other numbers
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    changed = measure_cached(cache, under_test(), jobs, device="cpu")
+    assert changed.measured == ["en", "el"] and len(loads) == 3
+    assert changed.evals["en"].bpb != first.evals["en"].bpb
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "el={empty}"], "error: data for 'el': {empty} has no non-blank document"),
+        (["--data", "xx={empty}"], "error: unknown language code 'xx': use an ISO 639-1 or 639-3 code such as el, hu, tur "
+                                   "(optionally with a script, e.g. zh-Hans)"),
+        (["--data", "el"], "error: bad --data 'el': write LANG=SPEC, e.g. el=greek.txt or hu=builtin"),
+    ],
+)
+def test_bad_test_set_input_leaves_workdir_unchanged(tmp_path, expanded, args, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    before = snapshot(expanded)
+    result = layermoe(expanded, "eval", *[a.format(empty=empty) for a in args])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == message.format(empty=empty)
+    assert snapshot(expanded) == before

@@ -80,11 +80,9 @@ def latest_checkpoint(generation: Generation) -> str | None:
     return None
 
 
-def load_base(workdir: Workdir, manifest: Manifest, device: str = "cpu", dtype=None):
-    """Load the base model recorded in the manifest (paths are relative to the work dir)."""
-    import torch
-
-    from layermoe_cli.models import load_model, resolve_model_spec
+def base_source(workdir: Workdir, manifest: Manifest):
+    """Where the base model recorded in the manifest is (paths are relative to the work dir): a ModelSource."""
+    from layermoe_cli.models import resolve_model_spec
 
     base = manifest.base_model
     spec = {"hub": base.hub_id, "demo": "demo"}.get(base.kind) or str(workdir.resolve(base.path))
@@ -96,8 +94,17 @@ def load_base(workdir: Workdir, manifest: Manifest, device: str = "cpu", dtype=N
                 f"the base model is not at {spec} (stored relative to the work dir as {base.path}): "
                 "copy it there, next to the moved work dir"
             )
-    source = resolve_model_spec(spec, revision=base.revision)
-    return load_model(source, device=device, dtype=dtype or torch.float32, cache_dir=workdir.cache_dir / "models")
+    return resolve_model_spec(spec, revision=base.revision)
+
+
+def load_base(workdir: Workdir, manifest: Manifest, device: str = "cpu", dtype=None):
+    """Load the base model recorded in the manifest."""
+    import torch
+
+    from layermoe_cli.models import load_model
+
+    return load_model(base_source(workdir, manifest), device=device, dtype=dtype or torch.float32,
+                      cache_dir=workdir.cache_dir / "models")
 
 
 def load_generation_model(workdir: Workdir, manifest: Manifest, generation: Generation, device: str, dtype=None):
