@@ -184,6 +184,25 @@ def eval_(
           data=data, text_field=text_field)
 
 
+@app.command(epilog='Example: layermoe generate --prompt "Καλημέρα, σήμερα" --model current --compare base')
+def generate(
+    ctx: typer.Context,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The text to continue."),
+    model: str = typer.Option("current", "--model", help="base | current | gN (g0 = base) | PATH (a model folder or .gguf)."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="Show this model's continuation beside it, e.g. base."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, help="0 = greedy (the default); above 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest token set with this much probability."),
+    seed: int = typer.Option(0, help="Seed of the sampling."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Continue a prompt with a model of the lineage (KV cache, streamed). Read-only: runs even while training."""
+    from layermoe_cli.pipeline.generate import run_generate
+
+    _call(run_generate, ctx.obj, prompt=prompt, model=model, compare=compare, max_new_tokens=max_new_tokens,
+          temperature=temperature, top_p=top_p, seed=seed, device=device)
+
+
 @app.command(epilog="Example: layermoe extend --new bn,hi,ne --budget 72")
 def extend(
     ctx: typer.Context,

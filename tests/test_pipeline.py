@@ -268,7 +268,7 @@ def test_expand_before_allocate_and_a_layer_count_mismatch(tmp_path, expanded):
     assert snapshot(workdir) == before
 
 
-# --- eval on the user's own test sets, the eval cache -------------------------------------
+# --- eval on the user's own test sets, the eval cache, generate --------------------------
 
 
 def test_own_test_sets_equal_a_direct_computation_and_a_rerun_is_cached(tmp_path, expanded):
@@ -356,4 +356,39 @@ def test_bad_test_set_input_leaves_workdir_unchanged(tmp_path, expanded, args, m
     result = layermoe(expanded, "eval", *[a.format(empty=empty) for a in args])
     assert result.exit_code == 2
     assert result.stderr.strip() == message.format(empty=empty)
+    assert snapshot(expanded) == before
+
+
+def test_generate_streams_greedy_text_and_compares_with_base_while_the_lock_is_held(expanded, tiny):
+    from layermoe_cli.generation import continue_text
+    from layermoe_cli.pipeline.common import load_checkpoint
+
+    model, tok = load_checkpoint(expanded / "g1" / "expanded")
+    expected = continue_text(model, tok, "Καλημέρα", max_new_tokens=6).text
+    before = snapshot(expanded)
+    with Workdir(expanded).lock():  # e.g. `train` running: a read-only command still works
+        alone = layermoe(expanded, "generate", "--prompt", "Καλημέρα", "--model", "g1", "--max-new-tokens", "6")
+        both = layermoe(expanded, "generate", "-p", "Καλημέρα", "--compare", "base", "--max-new-tokens", "6")
+    assert alone.exit_code == 0 and both.exit_code == 0, (alone.output, both.output)
+    assert alone.stdout == f"Καλημέρα{expected}\n"
+    assert "base" in both.stdout and "G1 (g1/expanded)" in both.stdout
+    assert both.stdout.count(expected.strip()[:4]) == 2  # expanded == base right after expand: the same text twice
+    before.pop(".layermoe.lock", None)
+    assert snapshot(expanded) == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "g7"], "error: --model g7: this work dir has no G7 (it has G0 to G1)"),
+        (["--model", "nowhere"], "error: --model nowhere: not base, current, gN (g0 = base) or a model folder / .gguf file"),
+        (["--max-new-tokens", "0"], "error: --max-new-tokens must be at least 1, got 0"),
+        (["--prompt", " "], "error: --prompt is empty: give the text to continue"),
+    ],
+)
+def test_bad_generate_input(expanded, args, message):
+    before = snapshot(expanded)
+    result = layermoe(expanded, "generate", "--prompt", "Hello", *args)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == message
     assert snapshot(expanded) == before
