@@ -54,7 +54,8 @@ def measure_languages(
     measured = Measurement(languages={})
     try:
         for language, texts in texts_by_language.items():
-            plan = score_plan(tokenizer, texts, max_length=max_length, max_tokens=max_tokens, every_input=recorder is not None)
+            plan = score_plan(tokenizer, texts, max_length=max_length, max_tokens=max_tokens,
+                              every_input=recorder is not None)
             if plan.tokens == 0:
                 raise LayermoeError(f"language '{language}' has no held-out text to evaluate: give it at least one non-empty document")
             part = None

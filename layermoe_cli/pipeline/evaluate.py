@@ -97,7 +97,8 @@ def checkpoint_under_test(workdir: Workdir, stored: str) -> ModelUnderTest:
     from layermoe_cli.models import ModelSource
 
     path = workdir.resolve(stored)
-    return ModelUnderTest(stored, ModelSource("local", str(path), path=path), lambda device: load_checkpoint(path, device=device))
+    return ModelUnderTest(stored, ModelSource("local", str(path), path=path),
+                          lambda device: load_checkpoint(path, device=device))
 
 
 def _target(workdir: Workdir, manifest: Manifest, generation: Generation, model: str) -> ModelUnderTest:
@@ -106,7 +107,8 @@ def _target(workdir: Workdir, manifest: Manifest, generation: Generation, model:
     if model == "current":
         checkpoint = latest_checkpoint(generation)
         if checkpoint is None:
-            raise LayermoeError(f"G{generation.index} has no expanded model yet: run `layermoe expand` first (or `eval --model base`)")
+            raise LayermoeError(f"G{generation.index} has no expanded model yet: run `layermoe expand` first "
+                                "(or `eval --model base`)")
         return checkpoint_under_test(workdir, checkpoint)
     if not Path(model).is_dir():
         raise LayermoeError(f"--model must be base, current, or a checkpoint folder; {model} is none of them")
@@ -132,25 +134,25 @@ def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
     texts = held_out_texts(workdir, manifest, languages, max_tokens)
     cache = EvalCache(workdir.cache_dir / "eval")
 
-    def jobs(routing: bool) -> list[EvalJob]:
-        return ([EvalJob(lang, lang, texts[lang], max_tokens, routing=routing, generation=known[lang]) for lang in languages]
-                + [EvalJob(t.name, t.language, t.texts) for t in test_sets])
+    def jobs(routing: bool) -> list[EvalJob]:  # the held-out split (capped), then the test sets (in full, no routing)
+        return ([EvalJob(lang, lang, texts[lang], max_tokens, routing=routing, generation=known[lang])
+                 for lang in languages] + [EvalJob(t.name, t.language, t.texts) for t in test_sets])
 
     base_record = manifest.generations[0].eval
-    if target.label != "base":  # the base model's figures beside them: measured once, then from the cache
+    shared = dict(test_sets=test_sets, max_tokens=max_tokens, device=device, cache=cache, generation=generation)
+    asked = dict(force=force, tasks=tasks, num_fewshot=num_fewshot, limit=limit, include_path=include_path)
+    if target.label == "base":
+        record = base_record
+        changed = _measure_record(workdir, manifest, record, target, jobs(False), label="eval of the base model",
+                                  merge=True, **shared, **asked)
+    else:  # the base model's figures beside them: measured once, then from the cache
         base = base_under_test(workdir, manifest)
-        changed = _measure_record(workdir, manifest, base_record, base, jobs(False), test_sets, max_tokens, device, cache, generation,
-                        label="eval of the base model", merge=True, quiet=True)
+        changed = _measure_record(workdir, manifest, base_record, base, jobs(False), label="eval of the base model",
+                                  merge=True, quiet=True, **shared)
         base.release()
         record = generation.eval
-        changed |= _measure_record(workdir, manifest, record, target, jobs(target.expanded), test_sets, max_tokens, device, cache,
-                        generation, label=f"eval of G{generation.index}", force=force, tasks=tasks,
-                        num_fewshot=num_fewshot, limit=limit, include_path=include_path)
-    else:
-        record = base_record
-        changed = _measure_record(workdir, manifest, record, target, jobs(False), test_sets, max_tokens, device, cache, generation,
-                        label="eval of the base model", merge=True, force=force, tasks=tasks, num_fewshot=num_fewshot,
-                        limit=limit, include_path=include_path)
+        changed |= _measure_record(workdir, manifest, record, target, jobs(target.expanded),
+                                   label=f"eval of G{generation.index}", **shared, **asked)
     target.release()
     if changed:
         _write_report(workdir, manifest)
@@ -162,8 +164,8 @@ def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
             console.print(test_set_table(manifest, record))
 
 
-def _measure_record(workdir: Workdir, manifest: Manifest, record: EvalRecord, model: ModelUnderTest, jobs: list[EvalJob],
-                    test_sets: list[TestSet], max_tokens, device, cache: EvalCache, generation: Generation, *, label: str,
+def _measure_record(workdir: Workdir, manifest: Manifest, record: EvalRecord, model: ModelUnderTest, jobs: list[EvalJob], *,
+                    test_sets: list[TestSet], max_tokens, device, cache: EvalCache, generation: Generation, label: str,
                     merge=False, force=False, tasks=(), num_fewshot=None, limit=None, include_path=None, quiet=False) -> bool:
     """Fill `record` with `model`'s figures on `jobs`, from the cache where they were measured before; True if it changed.
 
@@ -175,6 +177,7 @@ def _measure_record(workdir: Workdir, manifest: Manifest, record: EvalRecord, mo
     from layermoe_cli.evaluation import summarise_routing
 
     same_model = record.status == StepStatus.done and record.config.get("model_sha256") == model.fingerprint
+    same_cap = same_model and record.config.get("max_tokens") == max_tokens  # read now: run_step replaces the config
     config = dict(model=model.label, model_sha256=model.fingerprint, max_tokens=max_tokens)
     benchmark_keys = ("tasks", "num_fewshot", "limit")
     if tasks:
@@ -187,7 +190,7 @@ def _measure_record(workdir: Workdir, manifest: Manifest, record: EvalRecord, mo
     known = manifest.generation_of_language()
 
     def fill(rec: EvalRecord, measured: Measured) -> None:
-        kept = rec.languages if merge and same_model and rec.config.get("max_tokens") == max_tokens else {}
+        kept = rec.languages if merge and same_cap else {}
         rec.languages = {**kept, **{name: LanguageEval(**measured.evals[name].to_dict()) for name in held_out}}
         rec.test_sets = {**(rec.test_sets if same_model else {}), **{
             t.name: NamedTestSet(**measured.evals[t.name].to_dict(), language=t.language, source=t.source, kind=t.kind,
@@ -227,10 +230,6 @@ def _measure_record(workdir: Workdir, manifest: Manifest, record: EvalRecord, mo
                               highlight=False)
         fill(rec, measured)
     return True
-
-
-def _names(test_sets: list[TestSet]) -> set[str]:
-    return {t.name for t in test_sets}
 
 
 def _summarise(manifest: Manifest, generation: Generation, record: EvalRecord, of_base: bool) -> None:

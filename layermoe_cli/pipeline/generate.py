@@ -66,7 +66,8 @@ def model_choice(workdir: Workdir, manifest: Manifest | None, choice: str) -> Mo
         from layermoe_cli.models import load_model, resolve_model_spec
 
         source = resolve_model_spec(choice)
-        return ModelUnderTest(choice, source, lambda device: load_model(source, device=device, cache_dir=workdir.cache_dir / "models"))
+        return ModelUnderTest(choice, source,
+                              lambda device: load_model(source, device=device, cache_dir=workdir.cache_dir / "models"))
     raise LayermoeError(f"--model {choice}: not {MODEL_CHOICES}")
 
 
@@ -91,8 +92,8 @@ def run_generate(workdir: Workdir, *, prompt: str, model: str = "current", compa
     from layermoe_cli.generation import continue_text
 
     console.print(Text(prompt, style="bold"), end="")
-    continue_text(loaded, tokenizer, prompt, on_text=lambda piece: console.print(piece, end="", markup=False, highlight=False),
-                  **sampling)
+    continue_text(loaded, tokenizer, prompt, **sampling,
+                  on_text=lambda piece: console.print(piece, end="", markup=False, highlight=False))
     console.print()
 
 
@@ -145,7 +146,7 @@ def demo_prompt(text: str, words: int = 5) -> str:
     return text[: max(1, len(text) // 2)]
 
 
-def show_new_languages(workdir: Workdir, manifest: Manifest, device: str = "auto", max_new_tokens: int = 24) -> None:
+def show_new_languages(workdir: Workdir, manifest: Manifest, device: str = "auto", max_new_tokens: int = 16) -> None:
     """One prompt per language the lineage added (the opening of a held-out document), base vs the newest model."""
     from layermoe_cli.pipeline.common import texts_for
 
