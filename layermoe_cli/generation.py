@@ -35,7 +35,6 @@ def _streamer(tokenizer, on_text: Callable[[str], None]):
     return CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-@torch.inference_mode()
 def continue_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
                   top_p: float = 1.0, seed: int = 0, use_cache: bool = True, stop_at_eos: bool = True,
                   on_text: Callable[[str], None] | None = None) -> Continuation:
@@ -44,10 +43,31 @@ def continue_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, te
     The prompt is tokenized as the tokenizer does by default (BOS where it adds one). `on_text`
     receives the continuation piece by piece as it is generated.
     """
+    return continue_texts(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, seed=seed, use_cache=use_cache, stop_at_eos=stop_at_eos, on_text=on_text)[0]
+
+
+@torch.inference_mode()
+def continue_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int = 0, use_cache: bool = True, stop_at_eos: bool = True,
+                   on_text: Callable[[str], None] | None = None) -> list[Continuation]:
+    """`continue_text` for several prompts in one batch (left-padded): one decoding step serves them all.
+
+    Streaming (`on_text`) needs a single prompt. Rotary positions make a row's left padding
+    harmless; float rounding may still differ from an unbatched run in the last bits.
+    """
     from transformers import GenerationConfig
 
+    if on_text is not None and len(prompts) != 1:
+        raise ValueError("streaming (on_text) continues one prompt at a time")
     device = next(model.parameters()).device
-    encoded = tokenizer(prompt, return_tensors="pt")
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right
+    try:
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = padding_side
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sample = temperature > 0
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -56,7 +76,7 @@ def continue_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, te
         top_p=top_p if sample else None,
         top_k=None,
         use_cache=use_cache,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=pad_id,
         eos_token_id=tokenizer.eos_token_id,
         min_new_tokens=None if stop_at_eos else max_new_tokens,  # EOS masked out until the end
         bos_token_id=tokenizer.bos_token_id,
@@ -74,7 +94,13 @@ def continue_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, te
         )
     finally:
         model.train(was_training)
-    prompt_ids = encoded["input_ids"][0].tolist()
-    new_ids = output[0, len(prompt_ids):].tolist()
-    text = tokenizer.decode(new_ids, skip_special_tokens=True).rstrip("\ufffd")
-    return Continuation(prompt_ids, new_ids, text)
+    width = encoded["input_ids"].shape[1]
+    continuations = []
+    for row in range(len(prompts)):
+        prompt_ids = encoded["input_ids"][row][encoded["attention_mask"][row].bool()].tolist()
+        new_ids = output[row, width:].tolist()
+        if stop_at_eos and tokenizer.eos_token_id in new_ids:  # a finished row is padded up to the longest one
+            new_ids = new_ids[: new_ids.index(tokenizer.eos_token_id) + 1]
+        text = tokenizer.decode(new_ids, skip_special_tokens=True).rstrip("\ufffd")
+        continuations.append(Continuation(prompt_ids, new_ids, text))
+    return continuations

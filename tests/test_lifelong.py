@@ -189,3 +189,26 @@ def test_extend_again_is_a_noop_and_a_learned_language_is_refused(chain):
     assert taken.exit_code == 2
     assert "el (G1) is already learned: a new generation needs new languages" in taken.stderr
     assert (workdir / "manifest.json").read_bytes() == before
+
+
+def test_demo_ending_shows_each_new_language_base_vs_newest(chain, capsys):
+    """One prompt per learned language, continued in one batch per model: the same text as one prompt at a time."""
+    from layermoe_cli.generation import continue_text
+    from layermoe_cli.pipeline.common import load_checkpoint, texts_for
+    from layermoe_cli.pipeline.generate import demo_prompt, show_new_languages
+
+    workdir, _ = chain
+    manifest = Workdir(workdir).load()
+    cells = show_new_languages(Workdir(workdir), manifest, device="cpu", max_new_tokens=6)
+    shown = capsys.readouterr().out
+    for label in ("el (G1)", "hu (G1)", "bn (G2)", "hi (G2)", "base", "G2 (g2/stage2)"):
+        assert label in shown
+    prompt = demo_prompt(texts_for(Workdir(workdir), manifest.generations[1], "el", "heldout", limit=1)[0])
+    for column, model_dir in ((0, None), (1, workdir / "g2" / "stage2")):
+        if model_dir is None:
+            from layermoe_cli.pipeline.common import load_base
+
+            model, tok = load_base(Workdir(workdir), manifest)
+        else:
+            model, tok = load_checkpoint(model_dir)
+        assert cells[0, column] == continue_text(model, tok, prompt, max_new_tokens=6).text  # batched = alone

@@ -99,16 +99,18 @@ def run_generate(workdir: Workdir, *, prompt: str, model: str = "current", compa
 
 def side_by_side(models: list[ModelUnderTest], prompts: list[tuple[str | None, str]], device: str, *,
                  max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 title: str | None = None) -> dict[tuple[int, int], str]:
-    """One column per model, one row per (label, prompt); each cell streams its continuation.
+                 title: str | None = None, stream: bool = True) -> dict[tuple[int, int], str]:
+    """One column per model, one row per (label, prompt); returns {(row, column): continuation}.
 
-    The models are loaded one at a time (each runs every prompt, then is let go), so memory
-    holds one model. Returns {(row, column): continuation}.
+    stream: each cell fills as its tokens come (one prompt at a time); else every model
+    continues all prompts in one batch and the table is shown once (cheaper: one decoding
+    step serves every prompt). The models are loaded one at a time, so memory holds one.
     """
-    from layermoe_cli.generation import continue_text
+    from layermoe_cli.generation import continue_text, continue_texts
 
     labelled = any(label for label, _ in prompts)
     cells = {(row, col): "" for row in range(len(prompts)) for col in range(len(models))}
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
     def render() -> Table:
         table = Table(title=title, title_justify="left", show_lines=True, expand=True)
@@ -122,6 +124,15 @@ def side_by_side(models: list[ModelUnderTest], prompts: list[tuple[str | None, s
                           *[Text(cells[row, col]) for col in range(len(models))])
         return table
 
+    if not stream:
+        with err_console.status("generating"):
+            for col, model in enumerate(models):
+                loaded, tokenizer = model.load(device)
+                for row, result in enumerate(continue_texts(loaded, tokenizer, [p for _, p in prompts], **sampling)):
+                    cells[row, col] = result.text
+                model.release()
+        console.print(render())
+        return cells
     with Live(render(), console=console, auto_refresh=False) as live:
         for col, model in enumerate(models):
             loaded, tokenizer = model.load(device)
@@ -130,8 +141,7 @@ def side_by_side(models: list[ModelUnderTest], prompts: list[tuple[str | None, s
                     cells[row, col] += piece
                     live.update(render(), refresh=True)
 
-                continue_text(loaded, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, seed=seed, on_text=on_text)
+                continue_text(loaded, tokenizer, prompt, on_text=on_text, **sampling)
             model.release()
     if not console.is_terminal:
         console.print()  # Live ends its last frame with a newline only on a terminal
@@ -146,14 +156,17 @@ def demo_prompt(text: str, words: int = 5) -> str:
     return text[: max(1, len(text) // 2)]
 
 
-def show_new_languages(workdir: Workdir, manifest: Manifest, device: str = "auto", max_new_tokens: int = 16) -> None:
-    """One prompt per language the lineage added (the opening of a held-out document), base vs the newest model."""
+def show_new_languages(workdir: Workdir, manifest: Manifest, device: str = "auto", max_new_tokens: int = 16) -> dict:
+    """One prompt per language the lineage added (the opening of a held-out document), base vs the newest model.
+
+    Returns {(row, column): continuation} (rows in lineage order, column 0 = base), {} with nothing to show.
+    """
     from layermoe_cli.pipeline.common import texts_for
 
     newest = manifest.generations[-1]
     checkpoint = latest_checkpoint(newest)
     if checkpoint is None:
-        return
+        return {}
     prompts = []
     for generation in manifest.generations[1:]:
         for lang in generation.new_languages:
@@ -161,10 +174,10 @@ def show_new_languages(workdir: Workdir, manifest: Manifest, device: str = "auto
             if texts:
                 prompts.append((f"{lang} (G{generation.index})", demo_prompt(texts[0])))
     if not prompts:
-        return
+        return {}
     base = base_under_test(workdir, manifest)
     base.label = "base"
     expanded = checkpoint_under_test(workdir, checkpoint)
     expanded.label = f"G{newest.index} ({checkpoint})"
-    side_by_side([base, expanded], prompts, resolve_device(device), max_new_tokens=max_new_tokens,
-                 title=f"the new languages, greedy, {max_new_tokens} new tokens: base vs G{newest.index}")
+    return side_by_side([base, expanded], prompts, resolve_device(device), max_new_tokens=max_new_tokens, stream=False,
+                        title=f"the new languages, greedy, {max_new_tokens} new tokens: base vs G{newest.index}")
