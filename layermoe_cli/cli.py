@@ -197,10 +197,12 @@ def train(
           force=force, num_proc=num_proc)
 
 
-@app.command("eval", epilog="Example: layermoe eval --max-tokens 20000")
+@app.command("eval", epilog="Example: layermoe eval --max-tokens 20000 --data el=flores/ell_Grek.devtest.txt")
 def eval_(
     ctx: typer.Context,
     langs: Optional[str] = typer.Option(None, "--langs", help="Comma-separated languages (default: every language of every generation)."),
+    data: list[str] = typer.Option([], "--data", "-d", help="LANG=SPEC: your own test set, evaluated in full beside the held-out split (any SPEC profile takes; a language outside the lineage measures transfer). Repeatable."),
+    text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.json/.parquet/hf test sets."),
     model: str = typer.Option("current", "--model", help="base | current | PATH"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on held-out tokens per language."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-evaluation-harness tasks, comma-separated."),
@@ -211,11 +213,31 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON only."),
     force: bool = typer.Option(False, "--force", help="Measure again even if this model was measured with these settings."),
 ) -> None:
-    """Bits per byte on held-out text, old vs new languages, routing health."""
+    """Bits per byte on held-out text and your own test sets, old vs new languages, routing health (one pass, cached)."""
     from layermoe_cli.pipeline.evaluate import run_eval
 
     _call(run_eval, ctx.obj, langs=_split(langs), model=model, max_tokens=max_tokens, tasks=_split(tasks),
-          num_fewshot=num_fewshot, limit=limit, device=device, as_json=as_json, force=force, include_path=tasks_path)
+          num_fewshot=num_fewshot, limit=limit, device=device, as_json=as_json, force=force, include_path=tasks_path,
+          data=data, text_field=text_field)
+
+
+@app.command(epilog='Example: layermoe generate --prompt "Καλημέρα, σήμερα" --model current --compare base')
+def generate(
+    ctx: typer.Context,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The text to continue."),
+    model: str = typer.Option("current", "--model", help="base | current | gN (g0 = base) | PATH (a model folder or .gguf)."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="Show this model's continuation beside it, e.g. base."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, help="0 = greedy (the default); above 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest token set with this much probability."),
+    seed: int = typer.Option(0, help="Seed of the sampling."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Continue a prompt with a model of the lineage (KV cache, streamed). Read-only: runs even while training."""
+    from layermoe_cli.pipeline.generate import run_generate
+
+    _call(run_generate, ctx.obj, prompt=prompt, model=model, compare=compare, max_new_tokens=max_new_tokens,
+          temperature=temperature, top_p=top_p, seed=seed, device=device)
 
 
 @app.command(epilog="Example: layermoe extend --new bn,hi,ne --budget 72")
@@ -230,7 +252,7 @@ def extend(
     tokens: int = typer.Option(100_000, help="Tokens sampled per language for the profile."),
     classifier: str = typer.Option("generation", help="generation (lifelong prior) | binary (the paper's old-vs-new)"),
     router_init: str = typer.Option("expert0", help="How the new experts' router rows start: expert0 | mean | zeros | normal"),
-    drift_tokens: int = typer.Option(20_000, help="Held-out tokens per earlier language for the before/after check."),
+    drift_tokens: Optional[int] = typer.Option(None, help="Held-out tokens per earlier language for the before/after check (default: the cap of the previous generation's eval, whose figures then serve as 'before'; else 20,000)."),
     device: str = typer.Option("auto"),
 ) -> None:
     """Open the next generation: profile, allocate and expand again; earlier experts stay frozen."""

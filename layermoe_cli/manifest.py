@@ -146,9 +146,20 @@ class LanguageEval(_Record):
     bytes: int | None = None
 
 
+class NamedTestSet(LanguageEval):
+    """A test set the user named with `eval --data LANG=SPEC`, measured in full."""
+
+    language: str
+    source: str  # the SPEC: builtin, hf:..., or a path relative to the work dir
+    kind: str
+    sha256: str | None = None  # of the source (data.describe_source)
+    transfer: bool = False  # a language no generation of the lineage learned
+
+
 class EvalRecord(StepRecord):
     model: str | None = None
     languages: dict[str, LanguageEval] = Field(default_factory=dict)
+    test_sets: dict[str, NamedTestSet] = Field(default_factory=dict)  # "LANG=SPEC" -> figures
     old_avg: float | None = None
     new_avg: float | None = None
     routing: dict[str, Any] | None = None

@@ -222,6 +222,37 @@ def _bpb(manifest: dict, workdir: Path) -> list[str]:
     return lines
 
 
+def _test_sets(manifest: dict) -> list[str]:
+    """The user's own test sets (`eval --data LANG=SPEC`), each on its own row, every model that measured it."""
+    columns = []
+    for g in _generations(manifest):
+        sets = _step(g, "eval").get("test_sets") or {}
+        if sets:
+            columns.append(("Base" if g.get("index", 0) == 0 else f"after G{g['index']}", sets, g.get("index", 0)))
+    if not columns:
+        return []
+    generation = generation_of_language(manifest)
+    names = sorted({name for _, sets, _ in columns for name in sets})
+    base = columns[0][1] if columns[0][2] == 0 else {}
+    latest = columns[-1][1]
+    header = ["Test set", "Language", "Generation", "Documents", "Tokens", *[label for label, _, _ in columns]]
+    if base and columns[-1][2] != 0:
+        header.append(f"Δ {columns[-1][0]} vs base")
+    rows = []
+    for name in names:
+        facts = next(sets[name] for _, sets, _ in reversed(columns) if name in sets)
+        language = facts.get("language", "?")
+        row = [name, language, "transfer" if facts.get("transfer") or language not in generation else f"G{generation[language]}",
+               _count(facts.get("documents")), _count(facts.get("tokens")),
+               *[_num((sets.get(name) or {}).get("bpb")) for _, sets, _ in columns]]
+        if len(header) > len(row):
+            row.append(_signed(latest[name]["bpb"] - base[name]["bpb"]) if name in latest and name in base else "—")
+        rows.append(row)
+    lines = ["## Your test sets (bits per byte, lower is better)", "",
+             "Each `eval --data LANG=SPEC`, evaluated in full (no token cap); transfer = a language no generation learned.", ""]
+    return lines + _table(header, rows)
+
+
 def _forgetting(manifest: dict, generation: dict[str, int], base: dict[str, float]) -> list[str]:
     rows = []
     previous = base
@@ -399,7 +430,7 @@ def render_report(manifest: dict, workdir: Path) -> str:
     stamp = [s for s in stamp if s]
     if stamp:
         head += [f"_From manifest.json ({', '.join(stamp)})._", ""]
-    lines = head + _lineage(manifest) + _parameters(manifest, workdir) + _bpb(manifest, workdir) + _extension_drift(manifest) + _routing(manifest, workdir) + _benchmarks(manifest)
+    lines = head + _lineage(manifest) + _parameters(manifest, workdir) + _bpb(manifest, workdir) + _test_sets(manifest) + _extension_drift(manifest) + _routing(manifest, workdir) + _benchmarks(manifest)
     text = "\n".join(lines).rstrip() + "\n"
     (workdir / REPORT_NAME).write_text(text, encoding="utf-8")
     return text

@@ -249,7 +249,7 @@ def test_routing_health_matches_a_per_token_reference(tiny):
     assert got["classifier_layers"] == [0, 2]
     assert got["expert_generations"] == [[0, 1, 1], [0, 1, 2, 2], [0, 1]]
     assert got["tokens"] == dict(tokens)
-    old, new = ["en", "el"], ["zh"]
+    old = ["en", "el"]
     for i, layer in enumerate(got["layers"]):
         for lang in texts:
             assert got["expert0_share_by_language"][lang][i] == pytest.approx(count["e0", layer, lang] / tokens[lang])
@@ -385,3 +385,26 @@ def test_routing_health_agrees_with_the_expanded_models_own_dispatch(tiny):
         for lang in texts:
             assert got["expert0_share_by_language"][lang][i] == pytest.approx(expert0[layer, lang] / got["tokens"][lang])
         assert got["load"][i] == pytest.approx((slots[layer] / total).tolist())
+
+
+def test_single_pass_routing_and_bpb_equal_the_two_pass_figures(tiny):
+    """measure_languages records the routing in the bits-per-byte forward: same counts as routing_health's own pass."""
+    from layermoe_cli.evaluation import measure_languages, summarise_routing
+
+    modeling = pytest.importorskip("layermoe_cli.modeling")
+    base, tok = tiny
+    model = modeling.upcycle(base, [2, 1], classifier_layers=[0], seed=1)
+    modeling.add_generation(model, [1, 2], classifier_layers=[1], classifier_classes=3, seed=2)
+    model.eval()
+    texts = {"en": TEXTS["en"], "el": TEXTS["el"], "zh": TEXTS["zh"]}
+    generation = {"en": 0, "el": 1, "zh": 2}
+    for max_length, max_tokens in ((64, None), (5, 12)):  # long windows, and documents cut into windows and capped
+        one = measure_languages(model, tok, texts, max_tokens=max_tokens, batch_size=2, max_length=max_length,
+                                routing_generation=generation)
+        two_routing = routing_health(model, tok, texts, generation, current_generation=2, max_tokens=max_tokens,
+                                     batch_size=2, max_length=max_length)
+        assert summarise_routing(one.routing, generation, 2).to_dict() == two_routing.to_dict()
+        two_bpb = evaluate_languages(model, tok, texts, max_tokens=max_tokens, batch_size=2, max_length=max_length)
+        for lang in texts:
+            assert (one.languages[lang].tokens, one.languages[lang].bytes) == (two_bpb[lang].tokens, two_bpb[lang].bytes)
+            assert one.languages[lang].nll_nats == pytest.approx(two_bpb[lang].nll_nats, rel=1e-6)

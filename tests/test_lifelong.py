@@ -51,8 +51,8 @@ def chain(tmp_path_factory):
     moved = root / "elsewhere" / "run"  # the work dir moves to another path mid-chain
     moved.parent.mkdir()
     shutil.move(first, moved)
-    extend = layermoe(moved, "extend", "--new", "bn,hi", "--budget", "7", "--tokens", "600", "--drift-tokens", "200",
-                      "--classifier-layers", "2")
+    layermoe(moved, "eval", "--max-tokens", "200")  # its figures serve as the drift check's "before"
+    extend = layermoe(moved, "extend", "--new", "bn,hi", "--budget", "7", "--tokens", "600", "--classifier-layers", "2")
     layermoe(moved, "train", "--stage", "1", *TRAIN)
     layermoe(moved, "train", "--stage", "2", *TRAIN)
     return moved, extend
@@ -108,6 +108,16 @@ def test_drift_of_earlier_languages_is_recorded(chain):
         assert drift == pytest.approx(metrics["bpb_after_extension"][lang] - metrics["bpb_before_extension"][lang])
     assert metrics["bpb_drift_max"] == max(abs(d) for d in metrics["bpb_drift"].values())
     assert "earlier languages right after opening G2" in extend.output
+
+
+def test_drift_before_extension_is_g1s_eval_not_a_second_measurement(chain):
+    workdir, extend = chain
+    manifest = Workdir(workdir).load()
+    g1_eval, metrics = manifest.generations[1].eval, manifest.generations[2].expansion.metrics
+    assert metrics["drift_tokens"] == g1_eval.config["max_tokens"] == 200  # the cap follows G1's eval
+    assert metrics["bpb_before_extension"] == {lang: g1_eval.languages[lang].bpb for lang in ("en", "el", "hu")}
+    assert "bpb before extension: g1/stage2 was measured on these texts already (eval cache)" in extend.stderr
+    assert "bpb after extension:" not in extend.stderr
 
 
 def test_killed_recipe_resumes_where_it_stopped(tmp_path):
@@ -199,3 +209,26 @@ def test_expand_again_on_g2_keeps_its_settings_and_refuses_another_top_k(chain, 
         "prepare1, stage1, prepare2 and stage2 of G2 are now pending" in again.stderr
     g2 = Workdir(workdir).load().generations[2]
     assert g2.stage1.status == g2.stage2.status == StepStatus.pending
+
+
+def test_demo_ending_shows_each_new_language_base_vs_newest(chain, capsys):
+    """One prompt per learned language, continued in one batch per model: the same text as one prompt at a time."""
+    from layermoe_cli.generation import continue_text
+    from layermoe_cli.pipeline.common import load_checkpoint, texts_for
+    from layermoe_cli.pipeline.generate import demo_prompt, show_new_languages
+
+    workdir, _ = chain
+    manifest = Workdir(workdir).load()
+    cells = show_new_languages(Workdir(workdir), manifest, device="cpu", max_new_tokens=6)
+    shown = capsys.readouterr().out
+    for label in ("el (G1)", "hu (G1)", "bn (G2)", "hi (G2)", "base", "G2 (g2/stage2)"):
+        assert label in shown
+    prompt = demo_prompt(texts_for(Workdir(workdir), manifest.generations[1], "el", "heldout", limit=1)[0])
+    for column, model_dir in ((0, None), (1, workdir / "g2" / "stage2")):
+        if model_dir is None:
+            from layermoe_cli.pipeline.common import load_base
+
+            model, tok = load_base(Workdir(workdir), manifest)
+        else:
+            model, tok = load_checkpoint(model_dir)
+        assert cells[0, column] == continue_text(model, tok, prompt, max_new_tokens=6).text  # batched = alone

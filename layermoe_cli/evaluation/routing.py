@@ -103,28 +103,107 @@ def classifier_label(generation: int, num_classes: int) -> int:
     return generation
 
 
-class _Tally:
-    """Running counts per (layer, language); turned into shares at the end."""
+class LanguageRouting:
+    """Routing counts of one language's tokens on one model, summed over batches.
 
-    def __init__(self):
-        self.tokens: dict[str, int] = {}
-        self.expert0: dict[tuple[int, str], float] = {}
-        self.router_expert0: dict[tuple[int, str], float] = {}
-        self.load: dict[tuple[int, str], torch.Tensor] = {}
-        self.correct: dict[tuple[int, str], float] = {}
-        self.experts: dict[int, int] = {}
+    Counts, not shares, so parts measured at different times (the eval cache keeps one per
+    model, language and texts) add up to the same figures as one measurement of them all.
+    JSON-safe through `to_dict` / `from_dict`; every number is a float64 sum, which JSON
+    round-trips exactly.
+    """
 
-    def add(self, layer, language, router_logits, classifier_logits, expert_generation, label, top_k, classifier_decides):
-        deciding = classifier_logits if classifier_decides else None
-        top1, slots, _ = effective_routing(router_logits, deciding, expert_generation, top_k)
-        predicted = None if classifier_logits is None else classifier_logits.float().argmax(dim=-1)
-        key = (layer, language)
-        self.experts[layer] = router_logits.shape[-1]
-        self.expert0[key] = self.expert0.get(key, 0.0) + (top1 == 0).sum().item()
-        self.router_expert0[key] = self.router_expert0.get(key, 0.0) + (router_logits.argmax(-1) == 0).sum().item()
-        self.load[key] = self.load.get(key, 0.0) + slots.sum(dim=0).double().cpu()
-        if predicted is not None:
-            self.correct[key] = self.correct.get(key, 0.0) + (predicted == label).sum().item()
+    def __init__(self, top_k: int, classifier_routing: bool):
+        self.top_k = top_k
+        self.classifier_routing = classifier_routing
+        self.tokens = 0
+        self.expert_generations: dict[int, list[int]] = {}  # layer -> generation of each router column
+        self.classifier_layers: list[int] = []
+        self.expert0: dict[int, float] = {}  # layer -> tokens whose effective top-1 is expert 0
+        self.router_expert0: dict[int, float] = {}  # same, router alone
+        self.load: dict[int, torch.Tensor] = {}  # layer -> [E] float64 summed slot fractions
+        self.correct: dict[int, float] = {}  # classifier layer -> tokens classified as their own generation
+
+    def add(self, layer: int, router_logits, classifier_logits, expert_generation: torch.Tensor, label: int | None) -> None:
+        """One batch of one layer: router_logits [n, E], classifier_logits [n, C] or None (n kept tokens)."""
+        deciding = classifier_logits if self.classifier_routing else None
+        top1, slots, _ = effective_routing(router_logits, deciding, expert_generation, self.top_k)
+        self.expert_generations.setdefault(layer, [int(g) for g in expert_generation.tolist()])
+        self.expert0[layer] = self.expert0.get(layer, 0.0) + (top1 == 0).sum().item()
+        self.router_expert0[layer] = self.router_expert0.get(layer, 0.0) + (router_logits.argmax(-1) == 0).sum().item()
+        self.load[layer] = self.load.get(layer, 0.0) + slots.sum(dim=0).double().cpu()
+        if classifier_logits is not None:
+            if layer not in self.classifier_layers:
+                self.classifier_layers = sorted(self.classifier_layers + [layer])
+            if label is not None:
+                predicted = classifier_logits.float().argmax(dim=-1)
+                self.correct[layer] = self.correct.get(layer, 0.0) + (predicted == label).sum().item()
+
+    def to_dict(self) -> dict:
+        def by_layer(values):
+            return {str(layer): value for layer, value in values.items()}
+
+        return {
+            "top_k": self.top_k,
+            "classifier_routing": self.classifier_routing,
+            "tokens": self.tokens,
+            "expert_generations": by_layer(self.expert_generations),
+            "classifier_layers": list(self.classifier_layers),
+            "expert0": by_layer(self.expert0),
+            "router_expert0": by_layer(self.router_expert0),
+            "load": {str(layer): value.tolist() for layer, value in self.load.items()},
+            "correct": by_layer(self.correct),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LanguageRouting":
+        part = cls(int(data["top_k"]), bool(data["classifier_routing"]))
+        part.tokens = int(data["tokens"])
+        part.expert_generations = {int(k): list(v) for k, v in data["expert_generations"].items()}
+        part.classifier_layers = [int(layer) for layer in data["classifier_layers"]]
+        part.expert0 = {int(k): float(v) for k, v in data["expert0"].items()}
+        part.router_expert0 = {int(k): float(v) for k, v in data["router_expert0"].items()}
+        part.load = {int(k): torch.tensor(v, dtype=torch.float64) for k, v in data["load"].items()}
+        part.correct = {int(k): float(v) for k, v in data["correct"].items()}
+        return part
+
+
+class RoutingRecorder:
+    """Turns a forward pass's router/classifier logits into per-language counts.
+
+    Shared by the single-pass measurement (`measure.py`) and `routing_health` below, so both
+    count exactly the same tokens the same way.
+    """
+
+    def __init__(self, model, top_k: int | None = None):
+        self.model = model
+        self.top_k = top_k or _top_k_of(model)
+        self.classifier_routing = bool(getattr(getattr(model, "config", None), "classifier_routing", True))
+        self._expert_generation: dict[int, torch.Tensor] = {}
+
+    def new_part(self) -> LanguageRouting:
+        return LanguageRouting(self.top_k, self.classifier_routing)
+
+    @staticmethod
+    def kept_tokens(batch, attention_mask: torch.Tensor, device) -> torch.Tensor:
+        """[B*L] bool, row-major like the model's router outputs: real tokens, each document's start token excluded."""
+        keep = attention_mask.bool().clone()  # [B, L]
+        for row, w in enumerate(batch):
+            if w.starts_document:
+                keep[row, 0] = False  # the start token belongs to no language
+        return keep.reshape(-1).to(device)
+
+    def record(self, part: LanguageRouting, output, keep: torch.Tensor, generation: int | None) -> None:
+        router, classifier = _moe_outputs(output)
+        for layer, logits in router.items():
+            layer = int(layer)
+            if layer not in self._expert_generation:
+                self._expert_generation[layer] = torch.tensor(_expert_generations(self.model, layer, logits.shape[-1]))
+            cls = classifier.get(layer)
+            label = None
+            if cls is not None:
+                label = None if generation is None else classifier_label(generation, num_classes=cls.shape[-1])
+                cls = cls[keep]
+            part.add(layer, logits[keep], cls, self._expert_generation[layer], label)
 
 
 def _moe_outputs(output) -> tuple[dict, dict]:
@@ -182,84 +261,78 @@ def routing_health(
     """
     max_length = max_length or default_max_length(model)
     device = torch.device(device) if device is not None else model_device(model)
-    top_k = top_k or _top_k_of(model)
     pad_id = pad_id_of(tokenizer)
-    classifier_decides = bool(getattr(getattr(model, "config", None), "classifier_routing", True))
-    tally = _Tally()
-    expert_generation: dict[int, torch.Tensor] = {}
+    recorder = RoutingRecorder(model, top_k)
     languages = {lang: generation_of(lang, generation_of_language) for lang in texts_by_language}
+    parts: dict[str, LanguageRouting] = {}
     was_training = model.training
     model.eval()
     try:
         for language, texts in texts_by_language.items():
-            generation = languages[language]
             plan = score_plan(tokenizer, texts, max_length=max_length, max_tokens=max_tokens, every_input=True)
             if plan.tokens == 0:
                 raise LayermoeError(f"language '{language}' has no held-out text to route: give it at least one non-empty document")
-            tally.tokens[language] = plan.tokens
+            part = parts[language] = recorder.new_part()
+            part.tokens = plan.tokens
             for batch in batches(plan.windows, batch_size):
                 input_ids, attention_mask, _ = pad_batch(batch, pad_id)
-                keep = attention_mask.bool()  # [B, L]
-                for row, w in enumerate(batch):
-                    if w.starts_document:
-                        keep[row, 0] = False  # the start token belongs to no language
-                keep = keep.reshape(-1).to(device)  # [T], row-major like the model's outputs
+                keep = recorder.kept_tokens(batch, attention_mask, device)
                 with torch.inference_mode():
                     output = model(input_ids.to(device), attention_mask=attention_mask.to(device), output_router_logits=True)
-                router, classifier = _moe_outputs(output)
-                for layer, logits in router.items():
-                    layer = int(layer)
-                    if layer not in expert_generation:
-                        expert_generation[layer] = torch.tensor(_expert_generations(model, layer, logits.shape[-1]))
-                    cls = classifier.get(layer)
-                    label = None
-                    if cls is not None:
-                        label = classifier_label(generation, num_classes=cls.shape[-1])
-                        cls = cls[keep]
-                    tally.add(layer, language, logits[keep], cls, expert_generation[layer], label, top_k, classifier_decides)
+                recorder.record(part, output, keep, languages[language])
     finally:
         model.train(was_training)
-    return _summarise(tally, languages, current_generation, top_k, expert_generation, classifier_decides)
+    return summarise_routing(parts, languages, current_generation)
 
 
-def _summarise(tally: _Tally, languages: dict[str, int], current: int, top_k: int, expert_generation, classifier_decides) -> RoutingHealth:
-    layers = sorted(tally.experts)
-    classifier_layers = sorted({layer for layer, _ in tally.correct})
+def summarise_routing(parts: dict[str, LanguageRouting], generation_of_language: dict[str, int], current: int) -> RoutingHealth:
+    """RoutingHealth from per-language counts (every part from the same model). See the module docstring."""
+    if not parts:
+        raise LayermoeError("no language to summarise the routing of")
+    languages = {lang: int(generation_of_language[lang]) for lang in parts}
+    first = next(iter(parts.values()))
+    top_k, classifier_decides = first.top_k, first.classifier_routing
+    expert_generations = {}
+    for part in parts.values():
+        expert_generations.update(part.expert_generations)
+    layers = sorted(expert_generations)
+    classifier_layers = sorted({layer for part in parts.values() for layer in part.classifier_layers})
+    experts = {layer: len(expert_generations[layer]) for layer in layers}
     groups = {
         "old": [lang for lang, g in languages.items() if g < current],
         "new": [lang for lang, g in languages.items() if g == current],
     }
     generations = sorted(set(languages.values()))
 
-    def share(counts, layer, langs):
-        return _ratio(sum(counts.get((layer, l), 0.0) for l in langs), sum(tally.tokens[l] for l in langs))
+    def share(counts: str, layer, langs):
+        return _ratio(sum(getattr(parts[l], counts).get(layer, 0.0) for l in langs), sum(parts[l].tokens for l in langs))
 
     def load_of(layer, langs):
-        total = torch.zeros(tally.experts[layer], dtype=torch.float64)
+        total = torch.zeros(experts[layer], dtype=torch.float64)
         for l in langs:
-            total += tally.load.get((layer, l), 0.0)
+            total += parts[l].load.get(layer, 0.0)
         mass = total.sum().item()
-        return (total / mass).tolist() if mass else [0.0] * tally.experts[layer]
+        return (total / mass).tolist() if mass else [0.0] * experts[layer]
 
     routed = [lang for lang, g in languages.items() if g <= current]
     return RoutingHealth(
         current_generation=current,
         top_k=top_k,
         layers=layers,
-        experts_per_layer=[tally.experts[layer] for layer in layers],
-        expert_generations=[expert_generation[layer].tolist() for layer in layers],
+        experts_per_layer=[experts[layer] for layer in layers],
+        expert_generations=[expert_generations[layer] for layer in layers],
         classifier_layers=classifier_layers,
         classifier_routing=classifier_decides,
-        tokens=dict(tally.tokens),
-        expert0_share={name: [share(tally.expert0, layer, langs) for layer in layers] for name, langs in groups.items()},
-        router_expert0_share={name: [share(tally.router_expert0, layer, langs) for layer in layers] for name, langs in groups.items()},
+        tokens={lang: part.tokens for lang, part in parts.items()},
+        expert0_share={name: [share("expert0", layer, langs) for layer in layers] for name, langs in groups.items()},
+        router_expert0_share={name: [share("router_expert0", layer, langs) for layer in layers] for name, langs in groups.items()},
         expert0_share_by_generation={
-            str(g): [share(tally.expert0, layer, [l for l, lg in languages.items() if lg == g]) for layer in layers]
+            str(g): [share("expert0", layer, [l for l, lg in languages.items() if lg == g]) for layer in layers]
             for g in generations
         },
-        expert0_share_by_language={lang: [share(tally.expert0, layer, [lang]) for layer in layers] for lang in languages},
+        expert0_share_by_language={lang: [share("expert0", layer, [lang]) for layer in layers] for lang in languages},
         classifier_accuracy={
-            name: [share(tally.correct, layer, langs) for layer in classifier_layers]
+            name: [share("correct", layer, langs) for layer in classifier_layers]
             for name, langs in {**groups, "all": routed}.items()
         },
         load=[load_of(layer, routed) for layer in layers],

@@ -80,13 +80,9 @@ def latest_checkpoint(generation: Generation) -> str | None:
     return None
 
 
-def load_base(workdir: Workdir, manifest: Manifest, device: str = "cpu", dtype=None):
-    """Load the base model recorded in the manifest (paths are relative to the work dir), its weights
-    checked against the sha256 recorded when the work dir was made."""
-    import torch
-
-    from layermoe_cli.integrity import check_sha256
-    from layermoe_cli.models import load_model, resolve_model_spec
+def base_source(workdir: Workdir, manifest: Manifest):
+    """Where the base model recorded in the manifest is (paths are relative to the work dir): a ModelSource."""
+    from layermoe_cli.models import resolve_model_spec
 
     base = manifest.base_model
     spec = {"hub": base.hub_id, "demo": "demo"}.get(base.kind) or str(workdir.resolve(base.path))
@@ -100,7 +96,19 @@ def load_base(workdir: Workdir, manifest: Manifest, device: str = "cpu", dtype=N
                 f"the base model is not at {spec} (stored relative to the work dir as {base.path}): "
                 "copy it there, next to the moved work dir"
             )
-    source = resolve_model_spec(spec, revision=base.revision)
+    return resolve_model_spec(spec, revision=base.revision)
+
+
+def load_base(workdir: Workdir, manifest: Manifest, device: str = "cpu", dtype=None):
+    """Load the base model recorded in the manifest, its weights checked against the sha256 recorded
+    when the work dir was made."""
+    import torch
+
+    from layermoe_cli.integrity import check_sha256
+    from layermoe_cli.models import load_model
+
+    base = manifest.base_model
+    source = base_source(workdir, manifest)
     if source.kind == "gguf":
         files = {source.gguf_file: source.gguf_path}
     elif source.kind == "local":

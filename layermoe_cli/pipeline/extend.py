@@ -16,7 +16,6 @@ from layermoe_cli.pipeline.allocate import allocate_generation
 from layermoe_cli.pipeline.common import (
     documents_for_tokens,
     latest_checkpoint,
-    load_recorded_checkpoint,
     resolve_device,
     texts_for,
     token_progress,
@@ -28,10 +27,11 @@ from layermoe_cli.workdir import StepAlreadyDone, Workdir, session
 CLASSIFIER_MODES = ("generation", "binary")
 # How the router rows of the new experts start (see docs in README: "Extending").
 DEFAULT_ROUTER_INIT = "expert0"
+DEFAULT_DRIFT_TOKENS = 20_000  # held-out tokens per earlier language when no eval of the previous model sets the cap
 
 
 def run_extend(workdir: Workdir, *, new, data=(), budget=None, new_experts=None, tokens=100_000, classifier="generation",
-               device="auto", router_init=DEFAULT_ROUTER_INIT, drift_tokens=20_000, strategy="layerwise",
+               device="auto", router_init=DEFAULT_ROUTER_INIT, drift_tokens=None, strategy="layerwise",
                classifier_layers=None, batch_tokens=8192, seed=0) -> None:
     with session(workdir):
         manifest = workdir.load()
@@ -68,7 +68,7 @@ def open_generation(manifest: Manifest, new: list[str]) -> Generation:
 
 def extend_generation(workdir: Workdir, manifest: Manifest, *, new, data=(), budget=None, new_experts=None,
                       tokens=100_000, classifier="generation", device="auto", router_init=DEFAULT_ROUTER_INIT,
-                      drift_tokens=20_000, strategy="layerwise", classifier_layers=None, batch_tokens=8192, seed=0) -> Generation:
+                      drift_tokens=None, strategy="layerwise", classifier_layers=None, batch_tokens=8192, seed=0) -> Generation:
     _check_arguments(manifest, budget=budget, new_experts=new_experts, tokens=tokens, batch_tokens=batch_tokens,
                      classifier=classifier, router_init=router_init, drift_tokens=drift_tokens, strategy=strategy,
                      classifier_layers=classifier_layers)
@@ -102,7 +102,7 @@ def _check_arguments(manifest: Manifest, *, budget, new_experts, tokens, batch_t
     if router_init not in ROUTER_INITS:
         raise LayermoeError(f"unknown --router-init {router_init!r}: use {', '.join(ROUTER_INITS[:-1])} or {ROUTER_INITS[-1]}")
     for option, value in (("--tokens", tokens), ("--batch-tokens", batch_tokens), ("--drift-tokens", drift_tokens)):
-        if value < 1:
+        if value is not None and value < 1:
             raise LayermoeError(f"{option} must be positive, not {value}")
     if budget is None and new_experts is None:
         raise LayermoeError("give --budget (δ, counting expert 0 of every layer) or --new-experts for the new generation")
@@ -113,23 +113,38 @@ def _check_arguments(manifest: Manifest, *, budget, new_experts, tokens, batch_t
         alloc.validate_budget(num_layers, delta, k=k, strategy=strategy)
 
 
-def measure_drift(workdir: Workdir, manifest: Manifest, generation: Generation, device: str, max_tokens: int) -> dict:
-    """Bits per byte of every earlier language, before and right after the extension (recorded in the manifest)."""
-    from layermoe_cli.evaluation import evaluate_languages
+def measure_drift(workdir: Workdir, manifest: Manifest, generation: Generation, device: str, max_tokens: int | None) -> dict:
+    """Bits per byte of every earlier language, before and right after the extension (recorded in the manifest).
+
+    Both go through the eval cache: "before" is the previous generation's model, which its own
+    eval has usually measured on the same held-out texts already. `max_tokens` None takes the
+    cap of that eval (so the figures are shared), else DEFAULT_DRIFT_TOKENS.
+    """
+    from layermoe_cli.pipeline.eval_cache import EvalCache, EvalJob, measure_cached
+    from layermoe_cli.pipeline.evaluate import checkpoint_under_test
 
     previous = manifest.generations[generation.index - 1]
+    if max_tokens is None:
+        evaluated = previous.eval.status == StepStatus.done and previous.eval.model == latest_checkpoint(previous)
+        max_tokens = previous.eval.config.get("max_tokens") if evaluated else DEFAULT_DRIFT_TOKENS
     texts = {lang: texts_for(workdir, generation, lang, "heldout", limit=documents_for_tokens(max_tokens))
              for lang in generation.old_languages}
+    jobs = [EvalJob(lang, lang, texts[lang], max_tokens) for lang in generation.old_languages]
+    cache = EvalCache(workdir.cache_dir / "eval")
     figures = {}
     for label, checkpoint in (("before", latest_checkpoint(previous)), ("after", generation.expansion.checkpoint)):
-        model, tokenizer = load_recorded_checkpoint(workdir, manifest, checkpoint, device=device)
+        model = checkpoint_under_test(workdir, manifest, checkpoint)
         with token_progress(f"bpb {label} extension") as update:
-            figures[label] = {lang: r.bpb for lang, r in evaluate_languages(model, tokenizer, texts, max_tokens=max_tokens,
-                                                                            device=device, progress=update).items()}
-        del model
+            measured = measure_cached(cache, model, jobs, device=device, progress=update)
+        if not measured.measured:
+            err_console.print(f"[green]✓[/] bpb {label} extension: {checkpoint} was measured on these texts already "
+                              "(eval cache)", highlight=False, soft_wrap=True)
+        figures[label] = {lang: r.bpb for lang, r in measured.evals.items()}
+        model.release()
     drift = {lang: figures["after"][lang] - figures["before"][lang] for lang in texts}
     generation.expansion.metrics.update(bpb_before_extension=figures["before"], bpb_after_extension=figures["after"],
-                                        bpb_drift=drift, bpb_drift_max=max(abs(d) for d in drift.values()))
+                                        bpb_drift=drift, bpb_drift_max=max(abs(d) for d in drift.values()),
+                                        drift_tokens=max_tokens)
     table = Table(title=f"earlier languages right after opening G{generation.index} (bits per byte)", title_justify="left")
     for column in ("language", "before", "after", "Δ"):
         table.add_column(column, justify="left" if column == "language" else "right")

@@ -180,6 +180,9 @@ def run_demo(workdir: Workdir, compare: bool = False) -> None:
         return
     manifest = run_recipe(workdir, recipe)
     _demo_summary(manifest)
+    from layermoe_cli.pipeline.generate import show_new_languages
+
+    show_new_languages(workdir, manifest, device=load_recipe(recipe).device)  # read-only: after the lock is let go
 
 
 def _demo_summary(manifest: Manifest) -> None:
