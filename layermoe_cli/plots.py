@@ -24,8 +24,14 @@ def plot_profile(
     old: Sequence[str],
     new: Sequence[str],
     path: str | Path,
+    neuron_counts: Sequence[int] | None = None,
+    neuron_top_n: int | None = None,
 ) -> Path:
-    """S^i per layer (Eq. 9) with its two ingredients: the new-new and new-old mean similarities."""
+    """S^i per layer (Eq. 9) with its two ingredients: the new-new and new-old mean similarities.
+
+    With `neuron_counts`, the unique language-specific FFN neurons per layer (NeuronMoE) are drawn
+    as bars on a second axis, so both allocation signals can be read side by side.
+    """
     from layermoe_cli.similarity import pair_means
 
     plt = _pyplot()
@@ -42,7 +48,17 @@ def plot_profile(
     ax.tick_params(axis="x", labelsize=8)
     ax.grid(alpha=0.3)
     ax.set_title("Layer-wise language similarity\nhigher = more shared with old languages, fewer new experts")
-    ax.legend(fontsize=8, loc="best")
+    handles, labels = ax.get_legend_handles_labels()
+    if neuron_counts is not None:
+        twin = ax.twinx()
+        twin.bar(layers, neuron_counts, color="tab:green", alpha=0.25, zorder=0,
+                 label=f"language-specific neurons (unique in top {neuron_top_n or '?'}, NeuronMoE)")
+        twin.set_ylabel("unique language-specific FFN neurons")
+        ax.set_zorder(twin.get_zorder() + 1)  # the similarity lines above the bars
+        ax.patch.set_visible(False)
+        more_handles, more_labels = twin.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, fontsize=8, loc="best")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
@@ -56,8 +72,12 @@ def plot_allocation(
     classifier_layers: Sequence[int],
     path: str | Path,
     uniform_reference: Sequence[int] | None = None,
+    neuron_counts: Sequence[int] | None = None,
 ) -> Path:
-    """Bars of experts per layer (expert 0 included) over the similarity curve; classifier layers hatched."""
+    """Bars of experts per layer (expert 0 included) over the similarity curve; classifier layers hatched.
+
+    With `neuron_counts` (the neuron strategy) the curve is the language-specific neuron count instead.
+    """
     plt = _pyplot()
     counts = np.asarray(experts_per_layer)
     layers = np.arange(len(counts))
@@ -85,7 +105,12 @@ def plot_allocation(
     ax.set_xticks(layers)
     ax.tick_params(axis="x", labelsize=8)
     ax.set_ylim(0, max(counts.max(), max(uniform_reference or [0])) * 1.12 + 0.3)
-    if similarity is not None:
+    if neuron_counts is not None:
+        twin = ax.twinx()
+        (line,) = twin.plot(layers, neuron_counts, "o-", color="black", lw=1.5, ms=4, label="language-specific neurons")
+        twin.set_ylabel("unique language-specific neurons")
+        handles.append(line)
+    elif similarity is not None:
         twin = ax.twinx()
         (line,) = twin.plot(layers, similarity, "o-", color="black", lw=1.5, ms=4, label="$S^i$ (layer similarity)")
         twin.set_ylabel("layer similarity $S^i$")
