@@ -34,9 +34,14 @@ def run_expand(workdir: Workdir, *, budget=None, top_k=2, classifier_granularity
 
 def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generation, *, budget=None, top_k=2,
                       classifier_granularity="token", device="auto", force=False, router_init=None,
-                      classifier="binary") -> None:
+                      classifier="binary", expert_init="expert0") -> None:
     if top_k < 1:
         raise LayermoeError(f"--top-k must be at least 1, not {top_k}")
+    if expert_init == "routed" and generation.index == 1:
+        raise LayermoeError("--expert-init routed needs an expanded model to route with: it applies from G2 (`layermoe extend`)")
+    if expert_init == "routed" and not generation.profile.routing_mass:
+        raise LayermoeError(f"the profile of G{generation.index} has no routing record (an older layermoe made it): "
+                            "redo it with `layermoe profile --force`")
     if classifier_granularity not in ("token", "sequence"):
         raise LayermoeError(f"unknown classifier granularity {classifier_granularity!r}: use token or sequence")
     if generation.allocation.status != StepStatus.done:
@@ -56,10 +61,13 @@ def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generati
         raise LayermoeError(f"{out} exists and is not a layermoe checkpoint: move it away or use another --workdir")
 
     device = resolve_device(device)
+    if generation.index >= 2 and router_init is None:  # new rows tie with the expert the new experts copy
+        router_init = "source" if expert_init == "routed" else "expert0"
     config = dict(top_k=top_k, classifier_granularity=classifier_granularity, device=device, router_init=router_init,
-                  classifier=classifier)
+                  classifier=classifier, expert_init=expert_init)
     with run_step(workdir, manifest, generation.expansion, f"expansion of G{generation.index}", config, force) as record:
-        _expand(workdir, manifest, generation, record, out, top_k, classifier_granularity, device, router_init, classifier)
+        _expand(workdir, manifest, generation, record, out, top_k, classifier_granularity, device, router_init, classifier,
+                expert_init)
 
 
 def _is_ours(path: Path) -> bool:
@@ -69,9 +77,11 @@ def _is_ours(path: Path) -> bool:
         return False
 
 
-def _expand(workdir, manifest, generation, record, out, top_k, granularity, device, router_init, classifier) -> None:
+def _expand(workdir, manifest, generation, record, out, top_k, granularity, device, router_init, classifier,
+            expert_init) -> None:
     import torch
 
+    from layermoe_cli.expert_use import most_routed_experts
     from layermoe_cli.modeling import add_generation, save_layermoe, upcycle
 
     source, tokenizer = load_generation_model(workdir, manifest, generation, device=device, dtype=torch.float32)
@@ -83,9 +93,14 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
         model = upcycle(source, allocation.new_experts_per_layer, classifier_layers=allocation.classifier_layers,
                         top_k=top_k, classifier_granularity=granularity)
     else:
-        options = {} if router_init is None else {"router_init": router_init}
+        sources = None
+        if expert_init == "routed":
+            sources = most_routed_experts(generation.profile.routing_mass, generation.new_languages)
         model = add_generation(source, allocation.new_experts_per_layer, allocation.classifier_layers,
-                               classifier_classes=2 if classifier == "binary" else None, **options)
+                               classifier_classes=2 if classifier == "binary" else None, router_init=router_init,
+                               expert_sources=sources)
+        record.expert_init = expert_init
+        record.expert_sources = sources if sources is not None else [0] * len(allocation.new_experts_per_layer)
     model.eval()
     with torch.no_grad():
         logits = model(**probe).logits.float()
@@ -120,8 +135,12 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
         err_console.print(f"[yellow]note:[/] max |Δlogit| against the base model = {diff:.2e}, above {PRESERVATION_TOLERANCE:g} "
                           "(float rounding accumulated over the layers; recorded in the manifest)", soft_wrap=True)
     else:
-        err_console.print(f"max |Δlogit| against G{generation.index - 1}'s model = {diff:.2e} (router_init "
-                          f"{router_init or 'expert0'}; the bits-per-byte drift follows)", soft_wrap=True)
+        err_console.print(f"max |Δlogit| against G{generation.index - 1}'s model = {diff:.2e} (expert_init {expert_init}, "
+                          f"router_init {router_init}; the bits-per-byte drift follows)", soft_wrap=True)
+        if expert_init == "routed":
+            err_console.print("new experts copy, per layer: " + ", ".join(
+                f"{i}:{e}" for i, (e, n) in enumerate(zip(record.expert_sources, allocation.new_experts_per_layer)) if n),
+                soft_wrap=True)
 
 
 def _probe_batch(workdir, generation, tokenizer, device, documents_per_language: int = 2, max_length: int = 64):

@@ -1,7 +1,8 @@
 """`layermoe extend`: open the next generation (lifelong expansion, G(n) → G(n+1)).
 
 Profile the current expanded model (its HSA is the MoE block's input), allocate a new group
-of experts per layer, append them as copies of expert 0 with every earlier expert frozen,
+of experts per layer, append them as copies of expert 0 (or, with `--expert-init routed`, of
+the expert the new languages' tokens are routed to most) with every earlier expert frozen,
 and measure right away how much the earlier languages moved (they should not, much).
 """
 
@@ -19,18 +20,23 @@ from layermoe_cli.pipeline.profile import profile_generation
 from layermoe_cli.workdir import StepAlreadyDone, Workdir, session
 
 CLASSIFIER_MODES = ("generation", "binary")
-# How the router rows of the new experts start (see docs in README: "Extending").
-DEFAULT_ROUTER_INIT = "expert0"
+EXPERT_INITS = ("expert0", "routed")
+# How the router rows of the new experts start (see docs in README: "Extending"): expert 0's row,
+# or with --expert-init routed the row of the expert they copy.
+DEFAULT_ROUTER_INIT = None
 
 
 def run_extend(workdir: Workdir, *, new, data=(), budget=None, new_experts=None, tokens=100_000, classifier="generation",
                device="auto", router_init=DEFAULT_ROUTER_INIT, drift_tokens=20_000, strategy="layerwise",
-               classifier_layers=None, batch_tokens=8192, seed=0) -> None:
+               classifier_layers=None, batch_tokens=8192, seed=0, expert_init="expert0", neuron_mapping="proportional",
+               min_experts=None, max_experts=None) -> None:
     with session(workdir):
         manifest = workdir.load()
         extend_generation(workdir, manifest, new=new, data=data, budget=budget, new_experts=new_experts, tokens=tokens,
                           classifier=classifier, device=device, router_init=router_init, drift_tokens=drift_tokens,
-                          strategy=strategy, classifier_layers=classifier_layers, batch_tokens=batch_tokens, seed=seed)
+                          strategy=strategy, classifier_layers=classifier_layers, batch_tokens=batch_tokens, seed=seed,
+                          expert_init=expert_init, neuron_mapping=neuron_mapping, min_experts=min_experts,
+                          max_experts=max_experts)
 
 
 def open_generation(manifest: Manifest, new: list[str]) -> Generation:
@@ -61,11 +67,17 @@ def open_generation(manifest: Manifest, new: list[str]) -> Generation:
 
 def extend_generation(workdir: Workdir, manifest: Manifest, *, new, data=(), budget=None, new_experts=None,
                       tokens=100_000, classifier="generation", device="auto", router_init=DEFAULT_ROUTER_INIT,
-                      drift_tokens=20_000, strategy="layerwise", classifier_layers=None, batch_tokens=8192, seed=0) -> Generation:
+                      drift_tokens=20_000, strategy="layerwise", classifier_layers=None, batch_tokens=8192, seed=0,
+                      expert_init="expert0", neuron_mapping="proportional", min_experts=None, max_experts=None,
+                      neuron_top_n=None, neuron_documents=None) -> Generation:
     if classifier not in CLASSIFIER_MODES:
         raise LayermoeError(f"unknown classifier mode {classifier!r}: use generation or binary")
-    if budget is None and new_experts is None:
+    if expert_init not in EXPERT_INITS:
+        raise LayermoeError(f"unknown expert init {expert_init!r}: use expert0 or routed")
+    linear = strategy == "neuron" and neuron_mapping == "linear"
+    if budget is None and new_experts is None and not linear:
         raise LayermoeError("give --budget (δ, counting expert 0 of every layer) or --new-experts for the new generation")
+    neuron_options = {k: v for k, v in dict(neuron_top_n=neuron_top_n, neuron_documents=neuron_documents).items() if v is not None}
     generation = open_generation(manifest, new)
     if generation.expansion.status == StepStatus.done and "bpb_drift" in generation.expansion.metrics:
         raise StepAlreadyDone(f"G{generation.index} ({', '.join(new)}) is open already: train it with "
@@ -73,12 +85,14 @@ def extend_generation(workdir: Workdir, manifest: Manifest, *, new, data=(), bud
     device = resolve_device(device)
     if generation.profile.status != StepStatus.done:
         profile_generation(workdir, manifest, generation, data=data, tokens=tokens, batch_tokens=batch_tokens,
-                           device=device, seed=seed)
+                           device=device, seed=seed, **neuron_options)
     if generation.allocation.status != StepStatus.done:
         allocate_generation(workdir, manifest, generation, budget=budget, new_experts=new_experts, strategy=strategy,
-                            classifier_layers=classifier_layers, seed=seed)
+                            classifier_layers=classifier_layers, seed=seed, neuron_mapping=neuron_mapping,
+                            min_experts=min_experts, max_experts=max_experts)
     if generation.expansion.status != StepStatus.done:
-        expand_generation(workdir, manifest, generation, device=device, router_init=router_init, classifier=classifier)
+        expand_generation(workdir, manifest, generation, device=device, router_init=router_init, classifier=classifier,
+                          expert_init=expert_init)
     measure_drift(workdir, manifest, generation, device, drift_tokens)
     workdir.save(manifest)
     return generation
