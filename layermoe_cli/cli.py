@@ -239,10 +239,28 @@ def run(
     _call(run_recipe, ctx.obj, recipe)
 
 
+@app.command("compare", epilog="Example: layermoe -w runs/cmp compare --budgets 36,54,72   (the demo model; or give a recipe)")
+def compare_(
+    ctx: typer.Context,
+    recipe: Optional[Path] = typer.Argument(None, help="A recipe with a `compare:` section (default: recipes/compare.yaml, the demo)."),
+    budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma-separated δ: run LayerMoE at each (e.g. 36,54,72)."),
+) -> None:
+    """LayerMoE vs NeuronMoE vs MoE-LPR vs a dense fine-tune on one generation: same data, steps and tokens."""
+    from layermoe_cli.pipeline.compare import run_compare_recipe
+
+    try:
+        values = [int(b) for b in _split(budgets)]
+    except ValueError:
+        err_console.print(f"[bold red]error:[/] --budgets takes whole numbers separated by commas, not {budgets!r}",
+                          soft_wrap=True, highlight=False)
+        raise typer.Exit(2)
+    _call(run_compare_recipe, ctx.obj, recipe, budgets=values or None)
+
+
 @app.command(epilog="Example: layermoe demo -w /tmp/demo")
 def demo(
     ctx: typer.Context,
-    compare: bool = typer.Option(False, "--compare", help="Instead of the chain: LayerMoE (40% of the baseline's new experts), MoE-LPR and a dense fine-tune, side by side."),
+    compare: bool = typer.Option(False, "--compare", help="Instead of the chain: LayerMoE (40% of the baseline's new experts), NeuronMoE, MoE-LPR and a dense fine-tune, side by side (= `layermoe compare`)."),
 ) -> None:
     """The whole chain on the embedded model and corpus, offline."""
     from layermoe_cli.pipeline.recipe import run_demo

@@ -123,3 +123,39 @@ def plot_allocation(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def compare_points(table: dict) -> list[tuple[str, int, float, float]]:
+    """(title, trained parameters, New-avg gain, Old-avg forgetting) per variant of a compare table."""
+    return [(row.get("title") or row["variant"], int(row["trainable_parameters"]), float(row["gain"]), float(row["forgetting"]))
+            for row in table["variants"]]
+
+
+def plot_compare(table: dict, path: str | Path) -> Path:
+    """compare.png: gain on the new languages and forgetting of the old ones against trained parameters.
+
+    One point per variant; parameters on a log axis (the dense fine-tune trains every weight).
+    """
+    plt = _pyplot()
+    points = compare_points(table)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120)
+    panels = (("New-avg gain (base − after, bits per byte)", 2, "higher is better"),
+              ("Old-avg forgetting (after − base, bits per byte)", 3, "lower is better"))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (label, column, hint) in zip(axes, panels):
+        for k, point in enumerate(points):
+            ax.scatter(point[1], point[column], s=45, color=colors[k % len(colors)], zorder=3)
+            ax.annotate(point[0], (point[1], point[column]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("trained parameters")
+        ax.set_ylabel(label)
+        ax.set_title(hint, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{', '.join(table['new_languages'])} learned, {', '.join(table['old_languages'])} kept: "
+                 "one point per variant", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
