@@ -244,3 +244,13 @@ def test_table_and_plot_from_a_fixture(tmp_path):
     assert [p[1] for p in points] == [2000, 3000, 3000, 8000, 50000]
     path = plot_compare(table, tmp_path / "compare.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_command_refuses_bad_budgets_before_any_work(tmp_path):
+    tiny = make_tiny_model(tmp_path / "tiny", "llama", num_layers=LAYERS)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny)
+    result = layermoe(tmp_path / "run", "compare", str(recipe), "--budgets", "6,x", code=2)
+    assert "--budgets takes whole numbers separated by commas, not '6,x'" in result.output
+    result = layermoe(tmp_path / "run", "compare", str(recipe), "--budgets", "3,6", code=2)
+    assert "expert budget 3 is smaller than the 4 layers" in result.output
+    assert not (tmp_path / "run" / "compare").exists()
