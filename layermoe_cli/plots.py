@@ -143,15 +143,16 @@ def plot_compare(table: dict, path: str | Path) -> Path:
               ("Old-avg forgetting (after − base, bits per byte)", 3, "lower is better"))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (label, column, hint) in zip(axes, panels):
-        for k, point in enumerate(points):
-            ax.scatter(point[1], point[column], s=45, color=colors[k % len(colors)], zorder=3)
-            ax.annotate(point[0], (point[1], point[column]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        for k, point in enumerate(points):  # colours and a legend, not labels: close points would overlap
+            ax.scatter(point[1], point[column], s=45, color=colors[k % len(colors)], zorder=3, label=point[0],
+                       marker="os^Dv<>p"[k % 8])
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("trained parameters")
         ax.set_ylabel(label)
         ax.set_title(hint, fontsize=9)
         ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="best")
     fig.suptitle(f"{', '.join(table['new_languages'])} learned, {', '.join(table['old_languages'])} kept: "
                  "one point per variant", fontsize=10)
     fig.tight_layout()
