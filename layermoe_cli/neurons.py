@@ -43,27 +43,51 @@ _AP_CHUNK_ELEMENTS = 1 << 24  # documents x neurons sorted at once (bounds the A
 def average_precision(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """Exact AP of every column of `scores` [n, U] for the labels `positive` [n] (bool): float64 [U].
 
-    Sort each column once (descending); a document's precision is read at the end of its tie
-    group, so tied scores form one threshold. NaN for a column when there is no positive.
+    NaN for a column when there is no positive.
+    """
+    return average_precisions(scores, positive.long(), 2)[1]
+
+
+def average_precisions(scores: torch.Tensor, owner: torch.Tensor, classes: int) -> torch.Tensor:
+    """AP of every column of `scores` [n, U] for each class c (documents with owner [n] == c as positives).
+
+    Returns float64 [classes, U] on the CPU (NaN for a class without documents). Each column is
+    sorted once for all classes (descending); a document's precision is read at the end of its
+    tie group, so tied scores form one threshold. Runs on the device of `scores`, in chunks of
+    columns so that the sort's scratch memory stays bounded.
     """
     n, units = scores.shape
-    positive = positive.to(scores.device, torch.bool)
-    num_pos = int(positive.sum())
-    if num_pos == 0:
-        return torch.full((units,), float("nan"), dtype=torch.float64)
-    out = []
+    owner = owner.to(scores.device)
+    positives = torch.bincount(owner, minlength=classes).double()  # [C]
+    out = torch.empty((classes, units), dtype=torch.float64)
     chunk = max(1, _AP_CHUNK_ELEMENTS // max(n, 1))
-    rank = torch.arange(n, device=scores.device)[:, None]  # [n, 1]
+    rank = torch.arange(1, n + 1, device=scores.device, dtype=torch.float64)  # 1-based rank of each sorted position
+    positives = positives.to(scores.device)
     for start in range(0, units, chunk):
-        values, order = scores[:, start : start + chunk].sort(dim=0, descending=True, stable=True)  # [n, u]
-        hits = positive[order]  # [n, u] label of each sorted document
-        true_pos = hits.cumsum(0)  # [n, u]
-        last = torch.ones_like(hits)
-        last[:-1] = values[:-1] != values[1:]  # the last document of each tie group
-        group_end = torch.where(last, rank, n).flip(0).cummin(0).values.flip(0)  # [n, u]
-        precision = true_pos.gather(0, group_end).double() / (group_end + 1).double()
-        out.append((precision * hits).sum(0).cpu() / num_pos)
-    return torch.cat(out)
+        block = scores[:, start : start + chunk].t().contiguous()  # [u, n]: rows sort faster than columns
+        values, order = block.sort(dim=1, descending=True)
+        sorted_owner = owner[order]  # [u, n]
+        last = torch.ones_like(sorted_owner, dtype=torch.bool)
+        last[:, :-1] = values[:, :-1] != values[:, 1:]  # the last document of each tie group
+        rows = slice(start, start + block.shape[0])
+        # Without ties, the k-th document of class c (k = 1..P_c) at sorted rank r contributes k / r.
+        # Every row holds the same documents, so grouping ranks by class (a stable sort of the
+        # owners) gives the same segment [offset_c, offset_c + P_c) in every row.
+        ranks = rank[sorted_owner.argsort(dim=1, stable=True)]  # [u, n] ranks grouped by class
+        offset = 0
+        for c, count in enumerate(positives.long().tolist()):
+            k = torch.arange(1, count + 1, device=scores.device, dtype=torch.float64)
+            out[c, rows] = ((k / ranks[:, offset : offset + count]).sum(1) / count).cpu() if count else float("nan")
+            offset += count
+        tied = (~last.all(1)).nonzero().squeeze(1)  # rows with tied scores: redo them exactly
+        if tied.numel():
+            t_last, t_owner = last[tied], sorted_owner[tied]
+            group_end = torch.where(t_last, torch.arange(n, device=scores.device), n).flip(1).cummin(1).values.flip(1)
+            for c in range(classes):  # precision at the end of each tie group, class by class
+                hits = t_owner == c
+                precision = hits.cumsum(1, dtype=torch.float64).gather(1, group_end) / (group_end + 1)
+                out[c, start + tied.cpu()] = ((precision * hits).sum(1) / positives[c]).cpu()
+    return out
 
 
 # ---------------------------------------------------------------------------- reading the neurons
@@ -162,8 +186,8 @@ class NeuronAccumulator:
             sizes.append(rows.shape[0])
         return torch.cat([b for b in blocks if b.numel()]), sizes
 
-    def expertise(self, languages: Sequence[str]) -> dict[str, list[torch.Tensor]]:
-        """AP of every neuron for every language: {language: [AP float64 [I] per layer]}."""
+    def expertise(self, languages: Sequence[str], device: torch.device | str = "cpu") -> dict[str, list[torch.Tensor]]:
+        """AP of every neuron for every language: {language: [AP float64 [I] per layer]}, computed on `device`."""
         languages = list(languages)
         missing = [lang for lang in languages if self.documents(lang) == 0]
         if missing:
@@ -174,8 +198,9 @@ class NeuronAccumulator:
         for layer in range(self.num_layers):
             scores, sizes = self.responses(languages, layer)
             owner = torch.repeat_interleave(torch.arange(len(languages)), torch.tensor(sizes))  # [n]
+            ap = average_precisions(scores.to(device), owner, len(languages))  # [languages, I]
             for k, lang in enumerate(languages):
-                out[lang].append(average_precision(scores, owner == k))
+                out[lang].append(ap[k])
         return out
 
 

@@ -359,7 +359,7 @@ def profile_model(
     counts = None
     if neurons is not None:
         documents = {lang: neurons.documents(lang) for lang in languages}
-        counts = count_unique(neurons.expertise(languages), neuron_top_n, documents)
+        counts = count_unique(neurons.expertise(languages, device=input_device), neuron_top_n, documents)
     return ProfileResult(
         languages=languages,
         matrix=matrix.tolist(),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from layermoe_cli.hsa import decoder_layers
-from layermoe_cli.neurons import average_precision, count_unique
+from layermoe_cli.neurons import average_precision, average_precisions, count_unique
 from layermoe_cli.similarity import _max_length, profile_model, sample_sequences
 from layermoe_cli.testing import make_tiny_model
 
@@ -19,7 +19,9 @@ def brute_force_ap(scores: list[float], positive: list[bool]) -> float:
     return float(np.mean([sum(q >= s for q in pos) / sum(q >= s for q in scores) for s in pos]))
 
 
-def test_average_precision_equals_its_definition_with_ties():
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 41 * 7])  # one chunk of neurons, or several
+def test_average_precision_equals_its_definition_with_ties(monkeypatch, chunk_elements):
+    monkeypatch.setattr("layermoe_cli.neurons._AP_CHUNK_ELEMENTS", chunk_elements)
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(41, 30, generator=gen, dtype=torch.float64)
     scores[:, :12] = scores[:, :12].mul(2).round()  # many tied scores
@@ -29,6 +31,12 @@ def test_average_precision_equals_its_definition_with_ties():
     got = average_precision(scores, positive)
     expected = [brute_force_ap(scores[:, j].tolist(), positive.tolist()) for j in range(30)]
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12)
+    owner = torch.randint(0, 3, (41,), generator=gen)  # three languages at once, sorted once
+    multi = average_precisions(scores, owner, 4)
+    for c in range(3):
+        np.testing.assert_allclose(multi[c].numpy(), [brute_force_ap(scores[:, j].tolist(), (owner == c).tolist())
+                                                      for j in range(30)], rtol=0, atol=1e-12)
+    assert multi[3].isnan().all()  # a language without documents
     assert got[12] == pytest.approx(positive.double().mean().item()) and got[13] == 1.0
     try:  # scikit-learn (an lm-eval dependency) uses the same tie convention
         from sklearn.metrics import average_precision_score
