@@ -6,6 +6,8 @@
 Prints a markdown table: tokens/s, overhead of the profile over the bare forward (target
 < 20%), and peak memory (CPU: peak RSS of a fresh process per mode; CUDA: max allocated).
 The bare forward runs exactly the batches `profile_model` builds, with the same kwargs.
+Two profile modes: similarity only (`--neuron-top-n 0`) and with the language-specific neuron
+count (NeuronMoE; the default of `layermoe profile`).
 """
 
 from __future__ import annotations
@@ -79,10 +81,11 @@ def bare_forward(model, tokenizer, texts, args) -> tuple[int, float]:
     return int(sum(att.sum() for _, att in batches)), time.perf_counter() - start
 
 
-def profile(model, tokenizer, texts, args):
+def profile(model, tokenizer, texts, args, neuron_top_n=0):
     _sync(args.device)
     start = time.perf_counter()
-    result = profile_model(model, tokenizer, texts, args.tokens, args.batch_tokens, seed=args.seed)
+    result = profile_model(model, tokenizer, texts, args.tokens, args.batch_tokens, seed=args.seed,
+                           neuron_top_n=neuron_top_n, neuron_documents=args.neuron_docs)
     _sync(args.device)
     return sum(result.tokens_per_language.values()), time.perf_counter() - start
 
@@ -104,8 +107,16 @@ def one_mode(args) -> None:
     texts = corpus()
     if str(args.device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    (bare_forward if args.mode == "bare" else profile)(model, tok, texts, args)
+    MODES[args.mode](model, tok, texts, args)
     print(json.dumps({"peak_mb": peak_memory_mb(args.device)}))
+
+
+MODES = {
+    "bare": bare_forward,
+    "profile": lambda model, tok, texts, args: profile(model, tok, texts, args, neuron_top_n=0),
+    "neurons": lambda model, tok, texts, args: profile(model, tok, texts, args, neuron_top_n=args.neuron_top_n),
+}
+LABELS = {"bare": "bare forward", "profile": "profile, similarity only", "neurons": "profile + neuron count"}
 
 
 def main() -> None:
@@ -117,7 +128,9 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mode", choices=("bare", "profile"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--neuron-top-n", type=int, default=1000)
+    p.add_argument("--neuron-docs", type=int, default=500)
+    p.add_argument("--mode", choices=tuple(MODES), default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.mode:
         return one_mode(args)
@@ -125,18 +138,18 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok = load(args)
     texts = corpus()
-    profile(model, tok, texts, args)  # warm-up
-    bare_forward(model, tok, texts, args)
-    times = {"bare": [], "profile": []}
+    for fn in MODES.values():  # warm-up
+        fn(model, tok, texts, args)
+    times = {mode: [] for mode in MODES}
     tokens = {}
-    for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
-        for mode, fn in (("bare", bare_forward), ("profile", profile)):
+    for _ in range(args.repeats):  # interleaved, so machine noise hits every mode alike
+        for mode, fn in MODES.items():
             n, seconds = fn(model, tok, texts, args)
             tokens[mode] = n
             times[mode].append(seconds)
 
     peaks = {}
-    for mode in ("bare", "profile"):
+    for mode in MODES:
         cmd = [sys.executable, __file__, "--mode", mode] + [
             a for a in sys.argv[1:] if not a.startswith("--mode")
         ]
@@ -152,11 +165,12 @@ def main() -> None:
     mem = "peak RSS MiB" if args.device == "cpu" else "peak allocated MiB"
     print(f"| run | tokens | best s | tokens/s (best) | tokens/s (median) | {mem} |")
     print("|---|---|---|---|---|---|")
-    for mode in ("bare", "profile"):
-        print(f"| {mode} forward | {tokens[mode]} | {best[mode]:.3f} | {tokens[mode] / best[mode]:,.0f} | "
+    for mode in MODES:
+        print(f"| {LABELS[mode]} | {tokens[mode]} | {best[mode]:.3f} | {tokens[mode] / best[mode]:,.0f} | "
               f"{tokens[mode] / med[mode]:,.0f} | {peaks[mode]:,.0f} |")
-    print(f"\noverhead of profile_model: {100 * (best['profile'] / best['bare'] - 1):+.1f}% (best), "
-          f"{100 * (med['profile'] / med['bare'] - 1):+.1f}% (median); target < 20%")
+    for mode in ("profile", "neurons"):
+        print(f"\noverhead of {LABELS[mode]}: {100 * (best[mode] / best['bare'] - 1):+.1f}% (best), "
+              f"{100 * (med[mode] / med['bare'] - 1):+.1f}% (median); target < 20%")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ import numpy as np
 
 from layermoe_cli.errors import LayermoeError
 
-STRATEGIES = ("layerwise", "uniform", "random")
+STRATEGIES = ("layerwise", "neuron", "uniform", "random")
 ROUNDINGS = ("exact", "ceil")
+NEURON_MAPPINGS = ("proportional", "linear")
+NEURON_LINEAR_DEFAULTS = (1, 6)  # the authors' code: --min_experts 1 --max_experts 6
 CLASSIFIER_FRACTION_TENTHS = 3  # default K = round(0.3 x layers): 7 of 24 as in the paper
 # Experts in one layer (expert 0 included) unless --max-per-layer says otherwise: 8x the paper's
 # largest lifelong total (10), far past any useful setting, and small enough that a mistyped
@@ -104,6 +106,7 @@ def _clamped_shares(weights: np.ndarray, budget: int, cap: int) -> np.ndarray:
 
     sum_i clamp(t w_i, 1, cap) is continuous and non-decreasing in t, linear between the
     breakpoints t = 1/w_i and t = cap/w_i, so we find the segment holding `budget` and solve.
+    A weight of 0 stays at 1 for every t.
     """
     n = len(weights)
     if budget <= n:
@@ -114,7 +117,8 @@ def _clamped_shares(weights: np.ndarray, budget: int, cap: int) -> np.ndarray:
     def total(t: float) -> float:
         return float(np.clip(t * weights, 1, cap).sum())
 
-    points = sorted(set((1.0 / weights).tolist() + (cap / weights).tolist()))
+    positive = weights[weights > 0]
+    points = sorted(set((1.0 / positive).tolist() + (cap / positive).tolist()))
     lo = points[0]
     for hi in points:
         if total(hi) >= budget:
@@ -157,20 +161,79 @@ def allocate_layerwise(
             )
         return Allocation(counts, max(0, sum(counts) - budget))
 
-    cap = max_per_layer if max_per_layer is not None else min(DEFAULT_MAX_PER_LAYER, budget - len(s) + 1)
-    shares = _clamped_shares(1.0 / s, budget, cap)
+    return Allocation(round_exact(1.0 / s, budget, max_per_layer), 0)
+
+
+def round_exact(weights: Sequence[float] | np.ndarray, budget: int, max_per_layer: int | None = None) -> list[int]:
+    """Integer counts for the shares w_i / sum_j w_j x budget: sum exactly `budget`, each in [1, max].
+
+    The shares are clamped to [1, max] with the total kept at the budget (water filling), then
+    rounded by largest remainder; ties go to the larger weight, then the lower layer index, so
+    a layer never gets fewer experts than a layer of smaller weight. Eq. 10 uses w_i = 1/S^i.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    cap = max_per_layer if max_per_layer is not None else min(DEFAULT_MAX_PER_LAYER, budget - len(w) + 1)
+    shares = _clamped_shares(w, budget, cap)
     floors = np.floor(shares).astype(int)
     remainder = budget - int(floors.sum())
-    # Largest fractional part first; then lower similarity; then lower index.
+    # Largest fractional part first; then larger weight; then lower index.
     ranked = sorted(
-        (i for i in range(len(s)) if floors[i] < cap),
-        key=lambda i: (-(shares[i] - floors[i]), s[i], i),
+        (i for i in range(len(w)) if floors[i] < cap),
+        key=lambda i: (-(shares[i] - floors[i]), -w[i], i),
     )
     counts = floors.copy()
     for i in ranked[:remainder]:
         counts[i] += 1
     assert counts.sum() == budget and counts.min() >= 1 and counts.max() <= cap
-    return Allocation([int(c) for c in counts], 0)
+    return [int(c) for c in counts]
+
+
+def _check_neuron_counts(neuron_counts: Sequence[int]) -> np.ndarray:
+    c = np.asarray(neuron_counts, dtype=np.float64)
+    if c.ndim != 1 or c.size == 0:
+        raise LayermoeError("the neuron counts must be one number per layer")
+    if (c < 0).any() or not np.isfinite(c).all():
+        raise LayermoeError("a neuron count is negative or not a number: profile again")
+    if not (c > 0).any():
+        raise LayermoeError("no layer has language-specific neurons in the profile: profile with more tokens, "
+                            "or use the layerwise strategy")
+    return c
+
+
+def allocate_neuron(neuron_counts: Sequence[int], budget: int, max_per_layer: int | None = None) -> Allocation:
+    """NeuronMoE, budget-bound: N^i proportional to the unique language-specific neurons of layer i.
+
+    The shares c_i / sum_j c_j x delta are rounded by `round_exact` (the rounding of Eq. 10): the
+    sum is delta, every layer has >= 1 expert (a layer without such neurons stays dense unless
+    the budget forces more), and more neurons never means fewer experts.
+    """
+    c = _check_neuron_counts(neuron_counts)
+    validate_budget(len(c), budget, max_per_layer)
+    return Allocation(round_exact(c, budget, max_per_layer), 0)
+
+
+def validate_linear_range(min_experts: int, max_experts: int) -> None:
+    if min_experts < 1:
+        raise LayermoeError(f"--min-experts must be at least 1 (expert 0 is always there), got {min_experts}")
+    if max_experts < min_experts:
+        raise LayermoeError(f"--max-experts {max_experts} is below --min-experts {min_experts}")
+
+
+def neuron_linear_mapping(neuron_counts: Sequence[int], min_experts: int = NEURON_LINEAR_DEFAULTS[0],
+                          max_experts: int = NEURON_LINEAR_DEFAULTS[1]) -> Allocation:
+    """The authors' mapping (`determine_expert_numbers` in NeuronMoE's analyze_neuron_distribution.py).
+
+    With c_min the smallest non-zero count and c_max the largest:
+        N^i = min + floor( (c_i - c_min) / (c_max - c_min) x (max - min) ),   N^i = min where c_i = 0
+    (every layer gets min when c_max = c_min). Not budget-bound: the total is what it is. We take
+    the floor of the exact rational value (their float code can land a hair below an integer).
+    """
+    validate_linear_range(min_experts, max_experts)
+    c = [int(x) for x in _check_neuron_counts(neuron_counts)]
+    c_max, c_min = max(c), min(x for x in c if x > 0)
+    span, steps = c_max - c_min, max_experts - min_experts
+    counts = [min_experts if x == 0 or span == 0 else min_experts + (x - c_min) * steps // span for x in c]
+    return Allocation(counts, 0)
 
 
 def allocate_uniform(num_layers: int, budget: int) -> Allocation:
@@ -198,14 +261,31 @@ def allocate_random(num_layers: int, budget: int, seed: int, max_per_layer: int 
 def allocate(
     strategy: str,
     num_layers: int,
-    budget: int,
+    budget: int | None,
     similarity: Sequence[float] | None = None,
     *,
     rounding: str = "exact",
     max_per_layer: int | None = None,
     seed: int = 0,
+    neuron_counts: Sequence[int] | None = None,
+    neuron_mapping: str = "proportional",
+    min_experts: int = NEURON_LINEAR_DEFAULTS[0],
+    max_experts: int = NEURON_LINEAR_DEFAULTS[1],
 ) -> Allocation:
-    """Dispatch to the allocation `strategy` (one of STRATEGIES)."""
+    """Dispatch to the allocation `strategy` (one of STRATEGIES).
+
+    `budget` is None only for the neuron strategy's linear mapping, which is not budget-bound.
+    """
+    if strategy == "neuron":
+        if neuron_mapping not in NEURON_MAPPINGS:
+            raise LayermoeError(f"unknown neuron mapping {neuron_mapping!r}: choose one of {', '.join(NEURON_MAPPINGS)}")
+        if neuron_counts is None:
+            raise LayermoeError("the neuron strategy needs the profile's neuron counts: run the profile step first")
+        if len(neuron_counts) != num_layers:
+            raise LayermoeError(f"got {len(neuron_counts)} neuron counts for a model with {num_layers} layers: profile this model again")
+        if neuron_mapping == "linear":
+            return neuron_linear_mapping(neuron_counts, min_experts, max_experts)
+        return allocate_neuron(neuron_counts, budget, max_per_layer)
     validate_budget(num_layers, budget, max_per_layer, strategy=strategy)
     if strategy == "layerwise":
         if similarity is None:

@@ -99,32 +99,40 @@ def profile(
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16"),
     seed: int = typer.Option(0, help="Seed of the token sample."),
     include_bos: bool = typer.Option(False, "--include-bos", help="Keep the beginning-of-sequence token."),
+    neuron_top_n: int = typer.Option(1000, "--neuron-top-n", help="Language-specific neurons kept per language (NeuronMoE; 0 = no neuron count)."),
+    neuron_docs: int = typer.Option(500, "--neuron-docs", help="Documents per language whose pooled FFN responses rank the neurons."),
     force: bool = typer.Option(False, "--force", help="Redo the step even if it is done."),
 ) -> None:
-    """Measure how similar languages are at every layer (Eq. 8-9)."""
+    """Measure how similar languages are at every layer (Eq. 8-9) and count language-specific neurons."""
     from layermoe_cli.pipeline.profile import run_profile
 
     _call(run_profile, ctx.obj, model=model, old=_split(old), new=_split(new), data=data, text_field=text_field,
-          tokens=tokens, batch_tokens=batch_tokens, device=device, dtype=dtype, seed=seed, include_bos=include_bos, force=force)
+          tokens=tokens, batch_tokens=batch_tokens, device=device, dtype=dtype, seed=seed, include_bos=include_bos, force=force,
+          neuron_top_n=neuron_top_n, neuron_documents=neuron_docs)
 
 
-@app.command(epilog="Example: layermoe allocate --budget 72   (24 layers: 24 original + 48 new experts)")
+@app.command(epilog="Example: layermoe allocate --budget 72   (24 layers: 24 original + 48 new experts); "
+                     "layermoe allocate --strategy neuron --neuron-mapping linear --min-experts 1 --max-experts 6")
 def allocate(
     ctx: typer.Context,
     budget: Optional[int] = typer.Option(None, "--budget", help="δ: total experts over all layers, counting each layer's expert 0."),
     new_experts: Optional[int] = typer.Option(None, "--new-experts", help="New experts in all; same as --budget N + layers."),
-    strategy: str = typer.Option("layerwise", help="layerwise (Eq. 10) | uniform (MoE-LPR) | random (ablation)"),
+    strategy: str = typer.Option("layerwise", help="layerwise (Eq. 10) | neuron (NeuronMoE: language-specific neurons) | uniform (MoE-LPR) | random (ablation)"),
     classifier_layers: Optional[int] = typer.Option(None, "--classifier-layers", help="K layers of highest similarity get a routing classifier (default 30% of layers; 0 = none)."),
     rounding: str = typer.Option("exact", help="exact (Σ N^i = δ) | ceil (the paper's literal formula)"),
     max_per_layer: Optional[int] = typer.Option(None, "--max-per-layer", help="Cap on experts in one layer."),
+    neuron_mapping: str = typer.Option("proportional", "--neuron-mapping", help="neuron strategy: proportional (Σ N^i = δ) | linear (the authors' min-max formula, not budget-bound)"),
+    min_experts: Optional[int] = typer.Option(None, "--min-experts", help="Linear neuron mapping: experts of the layer with fewest neurons (default 1)."),
+    max_experts: Optional[int] = typer.Option(None, "--max-experts", help="Linear neuron mapping: experts of the layer with most neurons (default 6)."),
     seed: int = typer.Option(0, help="Seed of the random strategy."),
     force: bool = typer.Option(False, "--force"),
 ) -> None:
-    """Decide how many experts each layer gets (Eq. 10)."""
+    """Decide how many experts each layer gets (Eq. 10, or from language-specific neurons)."""
     from layermoe_cli.pipeline.allocate import run_allocate
 
     _call(run_allocate, ctx.obj, budget=budget, new_experts=new_experts, strategy=strategy, classifier_layers=classifier_layers,
-          rounding=rounding, max_per_layer=max_per_layer, seed=seed, force=force)
+          rounding=rounding, max_per_layer=max_per_layer, seed=seed, force=force, neuron_mapping=neuron_mapping,
+          min_experts=min_experts, max_experts=max_experts)
 
 
 @app.command(epilog="Example: layermoe expand --budget 72")
@@ -247,11 +255,15 @@ def extend(
     data: list[str] = typer.Option([], "--data", "-d", help="LANG=SPEC, repeatable (earlier languages keep their data)."),
     budget: Optional[int] = typer.Option(None, "--budget", help="δ of the new generation, counting expert 0 of every layer."),
     new_experts: Optional[int] = typer.Option(None, "--new-experts"),
-    strategy: str = typer.Option("layerwise", help="layerwise | uniform | random"),
+    strategy: str = typer.Option("layerwise", help="layerwise | neuron | uniform | random"),
+    neuron_mapping: str = typer.Option("proportional", "--neuron-mapping", help="neuron strategy: proportional | linear"),
+    min_experts: Optional[int] = typer.Option(None, "--min-experts", help="Linear neuron mapping (default 1)."),
+    max_experts: Optional[int] = typer.Option(None, "--max-experts", help="Linear neuron mapping (default 6)."),
     classifier_layers: Optional[int] = typer.Option(None, "--classifier-layers"),
     tokens: int = typer.Option(100_000, help="Tokens sampled per language for the profile."),
     classifier: str = typer.Option("generation", help="generation (lifelong prior) | binary (the paper's old-vs-new)"),
-    router_init: str = typer.Option("expert0", help="How the new experts' router rows start: expert0 | mean | zeros | normal"),
+    expert_init: str = typer.Option("expert0", "--expert-init", help="New experts start as copies of: expert0 | routed (per layer, the expert the new languages' tokens are routed to most)"),
+    router_init: Optional[str] = typer.Option(None, help="How the new experts' router rows start: expert0 | source | mean | zeros | normal (default: expert0; source with --expert-init routed)"),
     drift_tokens: Optional[int] = typer.Option(None, help="Held-out tokens per earlier language for the before/after check (default: the cap of the previous generation's eval, whose figures then serve as 'before'; else 20,000)."),
     device: str = typer.Option("auto"),
 ) -> None:
@@ -260,7 +272,8 @@ def extend(
 
     _call(run_extend, ctx.obj, new=_split(new), data=data, budget=budget, new_experts=new_experts, strategy=strategy,
           classifier_layers=classifier_layers, tokens=tokens, classifier=classifier, router_init=router_init,
-          drift_tokens=drift_tokens, device=device)
+          drift_tokens=drift_tokens, device=device, expert_init=expert_init, neuron_mapping=neuron_mapping,
+          min_experts=min_experts, max_experts=max_experts)
 
 
 @app.command(epilog="Example: layermoe status --json | jq .generations[1].allocation")
@@ -285,10 +298,28 @@ def run(
     _call(run_recipe, ctx.obj, recipe)
 
 
+@app.command("compare", epilog="Example: layermoe -w runs/cmp compare --budgets 36,54,72   (the demo model; or give a recipe)")
+def compare_(
+    ctx: typer.Context,
+    recipe: Optional[Path] = typer.Argument(None, help="A recipe with a `compare:` section (default: recipes/compare.yaml, the demo)."),
+    budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma-separated δ: run LayerMoE at each (e.g. 36,54,72)."),
+) -> None:
+    """LayerMoE vs NeuronMoE vs MoE-LPR vs a dense fine-tune on one generation: same data, steps and tokens."""
+    from layermoe_cli.pipeline.compare import run_compare_recipe
+
+    try:
+        values = [int(b) for b in _split(budgets)]
+    except ValueError:
+        err_console.print(f"[bold red]error:[/] --budgets takes whole numbers separated by commas, not {budgets!r}",
+                          soft_wrap=True, highlight=False)
+        raise typer.Exit(2)
+    _call(run_compare_recipe, ctx.obj, recipe, budgets=values or None)
+
+
 @app.command(epilog="Example: layermoe demo -w /tmp/demo")
 def demo(
     ctx: typer.Context,
-    compare: bool = typer.Option(False, "--compare", help="Instead of the chain: LayerMoE (40% of the baseline's new experts), MoE-LPR and a dense fine-tune, side by side."),
+    compare: bool = typer.Option(False, "--compare", help="Instead of the chain: LayerMoE (40% of the baseline's new experts), NeuronMoE, MoE-LPR and a dense fine-tune, side by side (= `layermoe compare`)."),
 ) -> None:
     """The whole chain on the embedded model and corpus, offline."""
     from layermoe_cli.pipeline.recipe import run_demo

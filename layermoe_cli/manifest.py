@@ -98,12 +98,20 @@ class ProfileRecord(StepRecord):
     matrix: list[list[list[float]]] | None = None  # [layer][language][language], Eq. 8
     tokens_per_language: dict[str, int] = Field(default_factory=dict)
     model_sha256: dict[str, str] = Field(default_factory=dict)
+    # Language-specific FFN neurons (NeuronMoE): unique neurons per layer among the languages' top-N.
+    neuron_counts: list[int] | None = None
+    neuron_counts_by_language: dict[str, list[int]] = Field(default_factory=dict)
+    neuron_top_n: int | None = None
+    neuron_documents: dict[str, int] = Field(default_factory=dict)
+    # Expanded models: per language, layer and expert, the routing weight its tokens put there.
+    routing_mass: dict[str, list[list[float]]] | None = None
 
 
 class AllocationRecord(StepRecord):
     strategy: str | None = None
     budget: int | None = None
     rounding: str | None = None
+    neuron_mapping: str | None = None  # strategy "neuron": proportional (budget-bound) | linear (the authors')
     experts_per_layer: list[int] | None = None  # totals including expert 0 (Eq. 10's N^i)
     new_experts_per_layer: list[int] | None = None
     classifier_layers: list[int] = Field(default_factory=list)
@@ -115,6 +123,8 @@ class AllocationRecord(StepRecord):
 class ExpansionRecord(StepRecord):
     checkpoint: str | None = None
     checkpoint_files: dict[str, FileChecksum] = Field(default_factory=dict)  # verified whenever the model is read
+    expert_init: str | None = None  # expert0 | routed (G2+)
+    expert_sources: list[int] | None = None  # per layer, the existing expert the new ones copy
     max_abs_logit_diff: float | None = None
     total_parameters: int | None = None
     active_parameters: int | None = None

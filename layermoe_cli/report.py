@@ -166,9 +166,17 @@ def _parameters(manifest: dict, workdir: Path) -> list[str]:
             lines.append("Similarity S^i per layer (Eq. 9): " + ", ".join(f"{s:.3f}" for s in similarity) + ".")
         else:
             lines.append(f"_Profile {_status(profile)}._")
+        neurons = profile.get("neuron_counts")
+        if neurons:
+            lines.append(f"Language-specific FFN neurons per layer (unique among each language's top "
+                         f"{profile.get('neuron_top_n') or '?'}, NeuronMoE): " + ", ".join(str(n) for n in neurons) + ".")
         totals = alloc.get("experts_per_layer")
         if totals:
-            lines.append("Experts per layer incl. expert 0 (Eq. 10): " + ", ".join(str(n) for n in totals) + f" (Σ = {sum(totals)}).")
+            how = "neuron strategy" if alloc.get("strategy") == "neuron" else "Eq. 10"
+            lines.append(f"Experts per layer incl. expert 0 ({how}): " + ", ".join(str(n) for n in totals) + f" (Σ = {sum(totals)}).")
+        sources = _step(g, "expansion").get("expert_sources")
+        if _step(g, "expansion").get("expert_init") == "routed" and sources:
+            lines.append("New experts copy expert (per layer, `--expert-init routed`): " + ", ".join(str(e) for e in sources) + ".")
         lines.append("")
         for step_name, step in (("similarity", profile), ("allocation", alloc)):
             for key, path in sorted((step.get("outputs") or {}).items()):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.hsa import capture_ffn_inputs, decoder_layers, token_mask, tokenizer_prepends_bos
+from layermoe_cli.neurons import DEFAULT_DOCUMENTS, DEFAULT_TOP_N, NeuronCounts
 
 MAX_SEQUENCE_TOKENS = 1024
 
@@ -157,6 +159,8 @@ class ProfileResult:
     tokens_per_language: dict[str, int]
     include_bos: bool = False
     seed: int = 0
+    neurons: NeuronCounts | None = None  # language-specific FFN neurons per layer (NeuronMoE), same pass
+    routing_mass: dict[str, list[list[float]]] | None = None  # MoE models: per language, layer, expert
 
     @property
     def num_layers(self) -> int:
@@ -216,18 +220,23 @@ def sample_sequences(
     return sequences
 
 
-def _batches(sequences: list[list[int]], batch_tokens: int) -> list[list[list[int]]]:
-    """Group sequences, longest first, so that rows x longest row <= batch_tokens (one row at least)."""
-    order = sorted(sequences, key=len, reverse=True)  # stable: deterministic
+def _batch_indices(sequences: list[list[int]], batch_tokens: int) -> list[list[int]]:
+    """Indices of the sequences, grouped longest first so that rows x longest row <= batch_tokens (one row at least)."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)  # stable: deterministic
     batches, current = [], []
-    for seq in order:
-        if current and (len(current) + 1) * len(current[0]) > batch_tokens:
+    for i in order:
+        if current and (len(current) + 1) * len(sequences[current[0]]) > batch_tokens:
             batches.append(current)
             current = []
-        current.append(seq)
+        current.append(i)
     if current:
         batches.append(current)
     return batches
+
+
+def _batches(sequences: list[list[int]], batch_tokens: int) -> list[list[list[int]]]:
+    """The sequences grouped as `_batch_indices` groups them."""
+    return [[sequences[i] for i in batch] for batch in _batch_indices(sequences, batch_tokens)]
 
 
 def _forward_kwargs(model) -> dict:
@@ -254,6 +263,8 @@ def profile_model(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    neuron_top_n: int = DEFAULT_TOP_N,
+    neuron_documents: int = DEFAULT_DOCUMENTS,
 ) -> ProfileResult:
     """Run the model once over up to `tokens_per_language` sampled tokens of each language and
     return the language x language similarity matrix of every layer (Eq. 8).
@@ -262,11 +273,20 @@ def profile_model(
     each layer's `mlp`. Padding never counts; BOS counts only with include_bos. `device` moves
     the model there first; by default inputs go to the device of the input embeddings.
     `progress(language, tokens_done, tokens_total)` is called after every batch.
+
+    The same pass counts language-specific FFN neurons (`neurons.py`; `neuron_top_n` = 0 skips
+    it, as does a single language): the first `neuron_documents` sampled sequences of each
+    language are mean-pooled. On an expanded model it also records each language's routing
+    mass per expert (`expert_use.py`).
     """
     if tokens_per_language < 1:
         raise LayermoeError(f"tokens per language must be at least 1, got {tokens_per_language}")
     if batch_tokens < 1:
         raise LayermoeError(f"batch tokens must be at least 1, got {batch_tokens}")
+    if neuron_top_n < 0:
+        raise LayermoeError(f"neuron top-N must be 0 (no neuron count) or more, got {neuron_top_n}")
+    if neuron_top_n and neuron_documents < 1:
+        raise LayermoeError(f"documents per language for the neuron count must be at least 1, got {neuron_documents}")
     if not texts_by_language:
         raise LayermoeError("no languages to profile: give text for at least one language")
     if device is not None:
@@ -277,17 +297,36 @@ def profile_model(
     bos = tokenizer.bos_token_id if tokenizer_prepends_bos(tokenizer) else None
     forward_kwargs = _forward_kwargs(model)
 
-    accumulator = SimilarityAccumulator(len(decoder_layers(model)))
-    state: dict = {}  # language and mask of the batch being run, read by the hook
+    from layermoe_cli.expert_use import RoutingMass
+    from layermoe_cli.neurons import NeuronAccumulator, capture_ffn_neurons, count_unique
+
+    layers = decoder_layers(model)
+    accumulator = SimilarityAccumulator(len(layers))
+    languages = list(texts_by_language)
+    neurons = NeuronAccumulator(len(layers), neuron_documents) if neuron_top_n and len(languages) > 1 else None
+    moe_blocks = {i: layer.mlp for i, layer in enumerate(layers) if hasattr(layer.mlp, "route")}
+    routing = RoutingMass([moe_blocks[i].num_experts if i in moe_blocks else 1 for i in range(len(layers))]) if moe_blocks else None
+    state: dict = {}  # language, mask and neuron-sample rows of the batch being run, read by the hooks
 
     def on_input(layer: int, hsa: torch.Tensor) -> None:
         accumulator.add(state["language"], layer, hsa, state["mask"])
+        if routing is not None:
+            if layer in moe_blocks:
+                routing.add_routed(state["language"], layer, moe_blocks[layer], hsa, state["mask"])
+            else:
+                routing.add_dense(state["language"], layer, state["mask"])
+
+    def on_activation(layer: int, activation_of) -> None:
+        rows = state["neuron_rows"]
+        if rows is not None:
+            neurons.add(state["language"], layer, activation_of(rows), state["mask"][rows])
 
     counted: dict[str, int] = {}
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), capture_ffn_inputs(model, on_input):
+        reading_neurons = capture_ffn_neurons(model, on_activation) if neurons is not None else nullcontext()
+        with torch.no_grad(), capture_ffn_inputs(model, on_input), reading_neurons:
             for language, texts in texts_by_language.items():
                 sequences = sample_sequences(tokenizer, texts, tokens_per_language, seed, max_length, language, include_bos)
                 if not sequences:
@@ -295,7 +334,8 @@ def profile_model(
                 skipped_bos = 0 if include_bos or bos is None else sum(s[0] == bos for s in sequences)
                 total = sum(len(s) for s in sequences) - skipped_bos
                 done = 0
-                for batch in _batches(sequences, batch_tokens):
+                for indices in _batch_indices(sequences, batch_tokens):
+                    batch = [sequences[i] for i in indices]
                     width = len(batch[0])
                     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, T]
                     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, T]
@@ -303,7 +343,10 @@ def profile_model(
                         input_ids[row, : len(seq)] = torch.tensor(seq)
                         attention_mask[row, : len(seq)] = 1
                     mask = token_mask(input_ids, attention_mask, bos, include_bos)
+                    # The neuron sample: the first `neuron_documents` sequences in (seeded) sample order.
+                    rows = [row for row, i in enumerate(indices) if i < neuron_documents]
                     state["language"], state["mask"] = language, mask.to(input_device)
+                    state["neuron_rows"] = torch.tensor(rows, device=input_device) if rows else None
                     model(input_ids=input_ids.to(input_device), attention_mask=attention_mask.to(input_device), **forward_kwargs)
                     done += int(mask.sum())
                     if progress is not None:
@@ -312,12 +355,17 @@ def profile_model(
     finally:
         model.train(was_training)
 
-    languages = list(texts_by_language)
     matrix = accumulator.matrix(languages)
+    counts = None
+    if neurons is not None:
+        documents = {lang: neurons.documents(lang) for lang in languages}
+        counts = count_unique(neurons.expertise(languages, device=input_device), neuron_top_n, documents)
     return ProfileResult(
         languages=languages,
         matrix=matrix.tolist(),
         tokens_per_language=counted,
         include_bos=include_bos,
         seed=seed,
+        neurons=counts,
+        routing_mass=routing.as_lists() if routing is not None else None,
     )

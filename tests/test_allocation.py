@@ -14,11 +14,14 @@ from layermoe_cli.allocation import (
     allocate,
     allocate_layerwise,
     allocate_random,
+    allocate_neuron,
     allocate_uniform,
     classifier_layers,
     default_classifier_k,
     eq10_ceil,
+    neuron_linear_mapping,
     new_parameter_count,
+    round_exact,
     validate_budget,
 )
 from layermoe_cli.errors import LayermoeError
@@ -181,7 +184,7 @@ def test_classifier_layers():
         (lambda: validate_budget(24, 97, 4), "expert budget 97 exceeds 24 layers x 4 experts per layer = 96: lower the budget or raise the per-layer maximum"),
         (lambda: validate_budget(24, 72, k=25), "classifier layers k=25 is outside 0..24 (the model has 24 layers)"),
         (lambda: validate_budget(24, 72, k=-1), "classifier layers k=-1 is outside 0..24 (the model has 24 layers)"),
-        (lambda: validate_budget(24, 72, strategy="greedy"), "unknown allocation strategy 'greedy': choose one of layerwise, uniform, random"),
+        (lambda: validate_budget(24, 72, strategy="greedy"), "unknown allocation strategy 'greedy': choose one of layerwise, neuron, uniform, random"),
         (lambda: validate_budget(24, 72, 0), "max experts per layer must be at least 1, got 0"),
         (lambda: classifier_layers([0.5] * 3, k=4), "classifier layers k=4 is outside 0..3 (the model has 3 layers)"),
         (lambda: allocate_layerwise([0.5] * 3, 2), "expert budget 2 is smaller than the 3 layers: every layer keeps expert 0, so the budget must be at least 3"),
@@ -192,7 +195,11 @@ def test_classifier_layers():
         (lambda: allocate("layerwise", 3, 6), "the layerwise strategy needs layer similarities: run the profile step first"),
         (lambda: allocate("layerwise", 3, 6, [0.5, 0.5]), "got 2 layer similarities for a model with 3 layers: profile this model again"),
         (lambda: allocate("uniform", 3, 10, max_per_layer=3), "expert budget 10 exceeds 3 layers x 3 experts per layer = 9: lower the budget or raise the per-layer maximum"),
-        (lambda: allocate("other", 3, 6), "unknown allocation strategy 'other': choose one of layerwise, uniform, random"),
+        (lambda: allocate("other", 3, 6), "unknown allocation strategy 'other': choose one of layerwise, neuron, uniform, random"),
+        (lambda: allocate_neuron([0, 0, 0], 6), "no layer has language-specific neurons in the profile: profile with more tokens, or use the layerwise strategy"),
+        (lambda: allocate("neuron", 3, 6, neuron_counts=[4, 5]), "got 2 neuron counts for a model with 3 layers: profile this model again"),
+        (lambda: allocate("neuron", 3, 6, neuron_counts=[4, 5, 6], neuron_mapping="log"), "unknown neuron mapping 'log': choose one of proportional, linear"),
+        (lambda: neuron_linear_mapping([4, 5], 2, 1), "--max-experts 1 is below --min-experts 2"),
     ],
 )
 def test_error_messages(call, message):
@@ -228,3 +235,40 @@ def test_the_budget_is_capped_by_a_default_per_layer_maximum():
     counts = allocate_layerwise([0.1, 0.9], 2 * DEFAULT_MAX_PER_LAYER).experts_per_layer
     assert counts == [DEFAULT_MAX_PER_LAYER, DEFAULT_MAX_PER_LAYER]
     assert max(allocate_random(2, 100, 0).experts_per_layer) <= DEFAULT_MAX_PER_LAYER
+
+
+# ---------------------------------------------------------------- NeuronMoE
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3000), min_size=1, max_size=32).filter(any), st.data())
+def test_neuron_strategy_hits_the_budget_and_keeps_the_order(counts, data):
+    budget = data.draw(st.integers(len(counts), 6 * len(counts)))
+    experts = allocate_neuron(counts, budget).experts_per_layer
+    assert sum(experts) == budget and min(experts) >= 1
+    for a in range(len(counts)):
+        for b in range(len(counts)):
+            if counts[a] > counts[b]:  # more language-specific neurons never get fewer experts
+                assert experts[a] >= experts[b], (a, b)
+    assert round_exact(counts, budget) == experts
+
+
+def test_neuron_strategy_rounds_as_eq10():
+    # the same rounding as Eq. 10: neuron counts c_i act as 1/S^i
+    for counts, budget in (([1, 2, 4], 9), ([5, 3, 2, 8], 11), ([10, 0, 30], 7)):
+        similarity = [1 / c if c else 1e9 for c in counts]
+        assert allocate_neuron(counts, budget).experts_per_layer == allocate_layerwise(similarity, budget).experts_per_layer
+    assert allocate_neuron([0, 10, 30, 0], 6).experts_per_layer == [1, 1, 3, 1]  # no neurons: stays dense
+
+
+def test_neuron_linear_mapping_is_the_authors_formula():
+    """analyze_neuron_distribution.py: min + int((c - c_min) / (c_max - c_min) x (max - min)), c_min over
+    non-zero layers, zero layers at min; by hand for counts 0, 10, 55, 100, 30, 64 with min 1, max 6."""
+    counts = [0, 10, 55, 100, 30, 64]
+    # (55-10)/90*5 = 2.5 -> 2; (30-10)/90*5 = 1.11 -> 1; (64-10)/90*5 = 3.0 exactly -> 3
+    assert neuron_linear_mapping(counts, 1, 6).experts_per_layer == [1, 1, 3, 6, 2, 4]
+    assert neuron_linear_mapping(counts).experts_per_layer == [1, 1, 3, 6, 2, 4]  # defaults 1 and 6
+    assert neuron_linear_mapping(counts, 2, 4).experts_per_layer == [2, 2, 3, 4, 2, 3]
+    assert neuron_linear_mapping([7, 7, 0], 1, 6).experts_per_layer == [1, 1, 1]  # c_max = c_min: all at min
+    allocation = allocate("neuron", 6, None, neuron_counts=counts, neuron_mapping="linear")
+    assert allocation.total == 17 and allocation.overshoot == 0  # not budget-bound: the total it reaches

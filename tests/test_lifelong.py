@@ -232,3 +232,43 @@ def test_demo_ending_shows_each_new_language_base_vs_newest(chain, capsys):
         else:
             model, tok = load_checkpoint(model_dir)
         assert cells[0, column] == continue_text(model, tok, prompt, max_new_tokens=6).text  # batched = alone
+
+
+def test_extend_with_neuron_allocation_and_routed_init(chain, tmp_path):
+    """G3 on a copy of the chain: `--strategy neuron` spends δ exactly, and `--expert-init routed` starts each
+    layer's new experts as copies of the expert the profile saw the new languages use most (router row too)."""
+    from layermoe_cli.expert_use import most_routed_experts
+
+    workdir = tmp_path / "run"
+    shutil.copytree(chain[0], workdir)
+    layermoe(workdir, "extend", "--new", "tr", "--budget", "6", "--tokens", "400", "--drift-tokens", "100",
+             "--classifier-layers", "1", "--strategy", "neuron", "--expert-init", "routed")
+    g3 = Workdir(workdir).load().generations[3]
+    assert (g3.allocation.strategy, sum(g3.allocation.experts_per_layer)) == ("neuron", 6)
+    assert set(g3.profile.routing_mass) == {"en", "el", "hu", "bn", "hi", "tr"}
+    sources = most_routed_experts(g3.profile.routing_mass, ["tr"])
+    assert g3.expansion.expert_init == "routed" and g3.expansion.expert_sources == sources
+    assert g3.expansion.config["router_init"] == "source"
+    before = weights(workdir / Workdir(workdir).load().generations[2].stage2.checkpoint)
+    after = weights(workdir / g3.expansion.checkpoint)
+    config = json.loads((workdir / g3.expansion.checkpoint / "config.json").read_text())
+    copied = 0
+    for layer, (source, new) in enumerate(zip(sources, g3.allocation.new_experts_per_layer)):
+        if new == 0:
+            continue
+        prefix = f"lm.model.layers.{layer}.mlp."
+        counts = config["new_experts"][layer][:-1]  # earlier generations' experts in this layer
+        if source == 0:
+            gate_up = torch.cat([before[prefix + "expert0.gate_proj.weight"], before[prefix + "expert0.up_proj.weight"]])
+            down = before[prefix + "expert0.down_proj.weight"]
+        else:
+            generation = next(g for g in range(len(counts)) if source <= sum(counts[: g + 1]))
+            local = source - 1 - sum(counts[:generation])
+            gate_up = before[f"{prefix}experts.g{generation + 1}.gate_up_proj"][local]
+            down = before[f"{prefix}experts.g{generation + 1}.down_proj"][local]
+        assert torch.equal(after[prefix + "experts.g3.gate_up_proj"][0], gate_up)
+        assert torch.equal(after[prefix + "experts.g3.down_proj"][0], down)
+        router = after[prefix + "router.weight"]
+        assert torch.equal(router[-1], router[source])
+        copied += 1
+    assert copied == sum(1 for n in g3.allocation.new_experts_per_layer if n)

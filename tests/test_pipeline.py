@@ -33,7 +33,8 @@ def tiny(tmp_path_factory) -> Path:
 def expanded(tmp_path_factory, tiny) -> Path:
     """A work dir where profile, allocate and expand of G1 are done."""
     workdir = tmp_path_factory.mktemp("runs") / "run"
-    result = layermoe(workdir, "profile", "--model", str(tiny), "--old", "en", "--new", "el,hu", "--tokens", "1500")
+    result = layermoe(workdir, "profile", "--model", str(tiny), "--old", "en", "--new", "el,hu", "--tokens", "1500",
+                      "--neuron-top-n", "40")
     assert result.exit_code == 0, result.output
     result = layermoe(workdir, "allocate", "--budget", "10", "--classifier-layers", "1")
     assert result.exit_code == 0, result.output
@@ -187,6 +188,10 @@ def test_unsupported_architecture(tmp_path):
         (["--budget", "10", "--classifier-layers", "5"], "classifier layers k=5 is outside 0..4"),
         (["--budget", "10", "--strategy", "best"], "unknown allocation strategy 'best'"),
         (["--budget", "10", "--new-experts", "6"], "give exactly one of --budget"),
+        (["--strategy", "neuron", "--neuron-mapping", "linear", "--budget", "10"], "the linear neuron mapping (the authors' formula) is not budget-bound"),
+        (["--budget", "10", "--min-experts", "2"], "--min-experts/--max-experts set the linear mapping"),
+        (["--budget", "10", "--strategy", "neuron", "--rounding", "ceil"], "the neuron strategy always rounds exactly"),
+        (["--strategy", "neuron", "--neuron-mapping", "linear", "--min-experts", "0"], "--min-experts must be at least 1"),
     ],
 )
 def test_bad_allocate_input_leaves_workdir_unchanged(expanded, args, message):
@@ -387,11 +392,15 @@ def test_data_with_fewer_than_two_documents_is_refused_at_profile(tmp_path, tiny
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--router-init", "bogus"], "unknown --router-init 'bogus': use expert0, mean, zeros or normal"),
+    (["--router-init", "bogus"], "unknown --router-init 'bogus': use expert0, source, mean, zeros or normal"),
     (["--budget", "2"], "expert budget 2 is smaller than the 4 layers"),
     (["--drift-tokens", "0"], "--drift-tokens must be positive"),
     (["--tokens", "0"], "--tokens must be positive"),
     (["--strategy", "best"], "unknown allocation strategy 'best'"),
+    (["--expert-init", "best"], "unknown expert init 'best': use expert0 or routed"),
+    (["--strategy", "neuron", "--neuron-mapping", "linear"],
+     "the linear neuron mapping (the authors' formula) is not budget-bound: drop --budget/--new-experts"),
+    (["--min-experts", "2"], "--min-experts/--max-experts set the linear mapping"),
 ])
 def test_extend_checks_every_argument_before_profiling(tmp_path, expanded, args, message):
     workdir = tmp_path / "run"
@@ -595,3 +604,35 @@ def test_bad_generate_input(expanded, args, message):
     assert result.exit_code == 2
     assert result.stderr.strip() == message
     assert snapshot(expanded) == before
+
+
+def test_neuron_allocation_from_the_profile(tmp_path, expanded):
+    """`--strategy neuron`: Σ N^i = δ in the order of the profile's neuron counts; `--neuron-mapping linear`
+    is the authors' formula with the total it reaches recorded as the budget."""
+    from layermoe_cli.allocation import neuron_linear_mapping
+
+    workdir = tmp_path / "run"
+    shutil.copytree(expanded, workdir)
+    profile = manifest_of(workdir).generations[1].profile
+    assert profile.neuron_top_n == 40 and len(profile.neuron_counts) == LAYERS
+    assert 40 <= sum(profile.neuron_counts) <= 3 * 40  # the union of three languages' top 40
+    assert set(profile.neuron_counts_by_language) == {"en", "el", "hu"}
+    assert all(sum(c) == 40 for c in profile.neuron_counts_by_language.values())
+    neurons = json.loads((workdir / "g1" / "profile.json").read_text())["neurons"]
+    assert neurons["unique_per_layer"] == profile.neuron_counts and neurons["top_n"] == 40
+    result = layermoe(workdir, "allocate", "--force", "--strategy", "neuron", "--budget", "10", "--classifier-layers", "1")
+    assert result.exit_code == 0, result.output
+    allocation = manifest_of(workdir).generations[1].allocation
+    assert (allocation.strategy, allocation.neuron_mapping, sum(allocation.experts_per_layer)) == ("neuron", "proportional", 10)
+    counts = profile.neuron_counts
+    for a in range(LAYERS):
+        for b in range(LAYERS):
+            if counts[a] > counts[b]:
+                assert allocation.experts_per_layer[a] >= allocation.experts_per_layer[b]
+    result = layermoe(workdir, "allocate", "--force", "--strategy", "neuron", "--neuron-mapping", "linear",
+                      "--min-experts", "1", "--max-experts", "4")
+    assert result.exit_code == 0, result.output
+    allocation = manifest_of(workdir).generations[1].allocation
+    assert allocation.experts_per_layer == neuron_linear_mapping(counts, 1, 4).experts_per_layer
+    assert allocation.budget == sum(allocation.experts_per_layer)
+    assert f"reached Σ N^i = {allocation.budget}" in result.stderr

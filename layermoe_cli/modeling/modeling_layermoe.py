@@ -88,6 +88,12 @@ class LayermoeExpertGroup(nn.Module):
         self.gate_up_proj.copy_(gate_up.expand_as(self.gate_up_proj))
         self.down_proj.copy_(mlp.down_proj.weight.expand_as(self.down_proj))
 
+    @torch.no_grad()
+    def copy_from_expert(self, group: "LayermoeExpertGroup", index: int) -> None:
+        """Make every expert of the group an exact copy of expert `index` of another group."""
+        self.gate_up_proj.copy_(group.gate_up_proj[index : index + 1].expand_as(self.gate_up_proj))
+        self.down_proj.copy_(group.down_proj[index : index + 1].expand_as(self.down_proj))
+
     def extra_repr(self) -> str:
         e, two_i, h = self.gate_up_proj.shape
         return f"experts={e}, hidden={h}, intermediate={two_i // 2}"
@@ -336,8 +342,13 @@ class LayermoeMoeBlock(nn.Module):
             out.index_add_(0, tok, y.float() * w.unsqueeze(1))
         return out.to(x.dtype)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        b, s, h = hidden_states.shape
+    def route(self, hidden_states: torch.Tensor):
+        """The effective routing of hidden_states [B, S, H] (classifier applied).
+
+        Returns (token_idx, expert_idx, weight) [P] each (tokens in row-major order of [B, S]),
+        router logits [T, E] fp32 and classifier logits [T, C] or None.
+        """
+        h = hidden_states.shape[-1]
         x = hidden_states.reshape(-1, h)  # [T, H]
         # Routing decisions in fp32 whatever the autocast state (Sec. 3): in bf16 the top-k set
         # flips on a fraction of a percent of tokens.
@@ -350,11 +361,15 @@ class LayermoeMoeBlock(nn.Module):
         token_class = None
         if classifier_logits is not None and self.classifier_routing:
             token_class = classifier_logits.detach().argmax(-1)  # [T]
+        return self.dispatch_plan(router_logits, token_class), router_logits, classifier_logits
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, s, h = hidden_states.shape
+        plan, router_logits, classifier_logits = self.route(hidden_states)
         if self.record_logits:
             self.last_router_logits = router_logits
             self.last_classifier_logits = classifier_logits
-        plan = self.dispatch_plan(router_logits, token_class)
-        return self.run_experts(x, *plan).reshape(b, s, h)
+        return self.run_experts(hidden_states.reshape(-1, h), *plan).reshape(b, s, h)
 
 
 # ----------------------------------------------------------------------------------------

@@ -17,12 +17,13 @@ from torch import nn
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.modeling.configuration_layermoe import LayermoeConfig
 from layermoe_cli.modeling.modeling_layermoe import (
+    LayermoeExpertGroup,
     LayermoeForCausalLM,
     LayermoeMoeBlock,
     decoder_layers,
 )
 
-ROUTER_INITS = ("expert0", "mean", "zeros", "normal")
+ROUTER_INITS = ("expert0", "source", "mean", "zeros", "normal")
 _SELF_CONTAINED_FILES = ("configuration_layermoe.py", "modeling_layermoe.py")
 _SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
 
@@ -120,10 +121,11 @@ def upcycle(
     return model
 
 
-def _new_router_rows(old: torch.Tensor, n_new: int, router_init: str, std: float, seed: int) -> torch.Tensor:
+def _new_router_rows(old: torch.Tensor, n_new: int, router_init: str, std: float, seed: int, source: int = 0) -> torch.Tensor:
     """Rows for `n_new` new experts given the learned router `old` [E_old, H] -> [n_new, H]."""
-    if router_init == "expert0":
-        return old[:1].expand(n_new, -1).clone()
+    if router_init in ("expert0", "source"):
+        row = 0 if router_init == "expert0" else source
+        return old[row : row + 1].expand(n_new, -1).clone()
     if router_init == "mean":
         return old.float().mean(0, keepdim=True).expand(n_new, -1).to(old.dtype).clone()
     if router_init == "zeros":
@@ -138,16 +140,20 @@ def add_generation(
     router_init: str = "expert0",
     classifier_classes: int | None = None,
     seed: int = 0,
+    expert_sources: list[int] | None = None,
 ) -> LayermoeForCausalLM:
     """Lifelong expansion: add generation G(n+1) to a LayerMoE model, in place (also returned).
 
-    Per layer: a new expert group (copies of expert 0), router rows appended with the learned
-    rows kept. router_init for the new rows:
+    Per layer: a new expert group, router rows appended with the learned rows kept. The new
+    experts are copies of expert 0, or with `expert_sources` (one router column per layer) of
+    that existing expert (`extend --expert-init routed`). router_init for the new rows:
       "expert0" (default): copy expert 0's row, so each new expert ties with expert 0 and stage 1
           routes new-language tokens to them quickly. Earlier tokens are not undisturbed: the tied
           rows take softmax mass and top-k slots, so a token whose top-k was {expert 0, an earlier
           expert} can now pick a copy of expert 0 instead, and its output can move (the drift
           `extend` measures per earlier language; README, "Extending");
+      "source": copy the row of the expert the new experts copy (the same tie, with the source
+          expert; equal to "expert0" without `expert_sources`);
       "mean": mean of the learned rows; "zeros"; "normal": N(0, init std).
     Classifiers are rebuilt on `classifier_layers` with one class per generation, G0..G(n+1)
     (or `classifier_classes`; 2 keeps the paper's binary old/new), keeping learned rows where a layer keeps its classifier; new rows
@@ -164,6 +170,12 @@ def add_generation(
     counts = [int(n) for n in new_experts_per_layer]
     if any(n < 0 for n in counts):
         raise LayermoeError("a new-expert count is negative; counts must be >= 0 (0 leaves the layer as it is)")
+    sources = [0] * len(layers) if expert_sources is None else [int(e) for e in expert_sources]
+    if len(sources) != len(layers):
+        raise LayermoeError(f"got {len(sources)} source experts for a model with {len(layers)} layers; give one per layer")
+    for i, (source, existing) in enumerate(zip(sources, config.experts_per_layer)):
+        if not 0 <= source < existing:
+            raise LayermoeError(f"layer {i} has experts 0..{existing - 1}; it cannot copy expert {source}")
     new_rows = [row + [n] for row, n in zip(config.new_experts, counts)]
     totals = [1 + sum(row) for row in new_rows]
     cls_layers = _check_classifier_layers(classifier_layers, totals)
@@ -194,14 +206,14 @@ def add_generation(
                 for name, group in old_block.experts.items():
                     block.experts[name] = group
             if n > 0:
-                block.experts[f"g{generation}"].copy_from_mlp(expert0)
+                _copy_source(block.experts[f"g{generation}"], old_block, expert0, sources[i])
             # Router: learned rows kept, new rows appended.
             w = block.router.weight  # [E_new, H]
             if old_block is not None:
                 old_w = old_block.router.weight
                 w[: old_w.shape[0]].copy_(old_w)
                 if n > 0:
-                    w[old_w.shape[0] :].copy_(_new_router_rows(old_w, n, router_init, std, seed + i))
+                    w[old_w.shape[0] :].copy_(_new_router_rows(old_w, n, router_init, std, seed + i, sources[i]))
             else:  # a layer that was dense gets a fresh router
                 w.copy_(_seeded_normal(w.shape, std, seed + i, w))
             # Classifier: learned rows kept, one more class.
@@ -222,6 +234,18 @@ def add_generation(
     except ValueError as err:
         raise LayermoeError(str(err)) from None
     return model
+
+
+def _copy_source(group: LayermoeExpertGroup, block: LayermoeMoeBlock | None, expert0: nn.Module, source: int) -> None:
+    """Start every expert of `group` as a copy of router column `source` of the existing layer."""
+    if source == 0:
+        group.copy_from_mlp(expert0)
+        return
+    for _, existing, lo, hi in block.expert_ranges():
+        if lo <= source < hi:
+            group.copy_from_expert(existing, source - lo)
+            return
+    raise AssertionError(f"expert {source} not found")  # checked by add_generation
 
 
 def save_layermoe(model: LayermoeForCausalLM, out_dir, tokenizer=None) -> Path:

@@ -1,19 +1,26 @@
-"""`layermoe demo --compare`: the paper's main table in miniature, for one generation (G0 → G1).
+"""`layermoe compare` / `layermoe demo --compare`: the papers' main table in miniature, for one
+generation (G0 → G1).
 
-Three variants see the same training documents, the same stage-1 steps and tokens, and are
+Every variant sees the same training documents, the same stage-1 steps and tokens, and is
 scored on the same held-out texts:
 
 - LayerMoE: a layer-wise allocation (Eq. 10) with `layermoe_share` (40%) as many new experts
-  as the baseline, routing classifiers, stages 1 and 2;
+  as the baseline (or at each δ of `budgets`, `--budgets 36,54,72`), routing classifiers,
+  stages 1 and 2;
+- NeuronMoE: experts where the language-specific neurons are (`allocate --strategy neuron`),
+  at LayerMoE's δ (proportional mapping) or with the authors' linear mapping, the same
+  classifiers, stages 1 and 2;
 - MoE-LPR: `baseline_new_experts_per_layer` new experts in every layer (its "3 experts per
   layer"), no classifier, stages 1 and 2;
 - dense: a full fine-tune of the base model on the new languages, stage-1 settings (it has
   no router, so no stage 2).
 
-Layout under the work dir: `compare/layermoe/` and `compare/moe-lpr/` are ordinary work dirs
-(manifest, resume, skipped steps) driven by the recipe runner; `compare/dense/` holds the
-fine-tune and its `train.json`; `compare/eval/<name>.json` caches each model's bits per byte;
-`compare.md` and `compare.json` hold the table. A re-run skips what is done.
+Layout under the work dir: `compare/layermoe/` (`compare/layermoe-<δ>/` for the other budgets),
+`compare/neuronmoe/` and `compare/moe-lpr/` are ordinary work dirs (manifest, resume, skipped
+steps) driven by the recipe runner; `compare/dense/` holds the fine-tune and its `train.json`;
+`compare/eval/<name>.json` caches each model's bits per byte; `compare.md`, `compare.json` hold
+the table and `compare.png` plots gain and forgetting against trained parameters. A re-run
+skips what is done.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.table import Table
@@ -32,10 +40,9 @@ from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import Manifest, StepStatus
 from layermoe_cli.workdir import Workdir, atomic_write_text, session
 
-VARIANTS = ("layermoe", "moe-lpr", "dense")
-TITLES = {"layermoe": "LayerMoE", "moe-lpr": "MoE-LPR", "dense": "dense fine-tune"}
+TITLES = {"layermoe": "LayerMoE", "neuronmoe": "NeuronMoE", "moe-lpr": "MoE-LPR", "dense": "dense fine-tune"}
 # What the comparison decides itself; a recipe that sets them would be silently overridden.
-_ALLOCATE_KEYS_SET_HERE = ("budget", "new_experts", "strategy")
+_ALLOCATE_KEYS_SET_HERE = ("budget", "new_experts", "strategy", "neuron_mapping", "min_experts", "max_experts")
 
 
 class CompareSpec(BaseModel):
@@ -46,6 +53,10 @@ class CompareSpec(BaseModel):
     baseline_new_experts_per_layer: int = Field(2, ge=1)  # MoE-LPR: 1 + 2 = 3 experts per layer
     layermoe_share: float = Field(0.4, gt=0, le=1)  # LayerMoE's new experts / the baseline's
     dense_learning_rate: float | None = Field(None, gt=0)  # None: stage 1's (steps and tokens stay stage 1's)
+    budgets: list[int] | None = None  # LayerMoE at each δ instead of the share's (`--budgets 36,54,72`)
+    neuron_mapping: Literal["proportional", "linear"] = "proportional"  # NeuronMoE: at LayerMoE's δ, or the authors'
+    neuron_min_experts: int = Field(1, ge=1)  # linear mapping only
+    neuron_max_experts: int = Field(6, ge=1)
 
 
 def round_half_up(x: float) -> int:
@@ -64,42 +75,82 @@ def expert_budgets(num_layers: int, spec: CompareSpec) -> dict[str, int]:
     return {"baseline_new_experts": baseline, "layermoe_new_experts": layermoe, "layermoe_budget": delta}
 
 
+def plan_variants(num_layers: int, spec: CompareSpec, allocate: dict) -> list[dict]:
+    """The MoE variants, in table order: name (its folder), title, and the allocate options of its run."""
+    from layermoe_cli.allocation import validate_budget, validate_linear_range
+
+    budgets = expert_budgets(num_layers, spec)
+    share = budgets["layermoe_budget"]
+    layermoe_budgets = sorted(set(spec.budgets)) if spec.budgets else [share]
+    for delta in layermoe_budgets:
+        validate_budget(num_layers, delta)
+    if spec.neuron_mapping == "linear":
+        validate_linear_range(spec.neuron_min_experts, spec.neuron_max_experts)
+    variants = []
+    for delta in layermoe_budgets:
+        variants.append({"name": "layermoe" if delta == share else f"layermoe-{delta}",
+                         "title": "LayerMoE" if not spec.budgets else f"LayerMoE δ={delta}",
+                         "allocate": {**allocate, "strategy": "layerwise", "budget": delta}})
+    neuron = {**allocate, "strategy": "neuron", "neuron_mapping": spec.neuron_mapping}
+    if spec.neuron_mapping == "linear":
+        neuron.update(min_experts=spec.neuron_min_experts, max_experts=spec.neuron_max_experts)
+    else:
+        neuron["budget"] = share
+    variants.append({"name": "neuronmoe", "title": TITLES["neuronmoe"], "allocate": neuron})
+    # MoE-LPR routes with its LPR loss alone: no routing classifier
+    variants.append({"name": "moe-lpr", "title": TITLES["moe-lpr"],
+                     "allocate": {**allocate, "strategy": "uniform", "new_experts": budgets["baseline_new_experts"],
+                                  "classifier_layers": 0}})
+    return variants
+
+
 # ---------------------------------------------------------------- entry points
 
 
-def run_compare(workdir: Workdir, recipe) -> dict:
-    """Run (or resume) the three variants of a recipe with a `compare:` section; print and write the table."""
+def run_compare_recipe(workdir: Workdir, recipe_path: str | Path | None = None, budgets: list[int] | None = None) -> dict:
+    """`layermoe compare [RECIPE] [--budgets ...]`: the shipped demo comparison unless a recipe is given."""
+    from layermoe_cli.pipeline.recipe import RECIPES_DIR, load_recipe
+
+    recipe = load_recipe(recipe_path or RECIPES_DIR / "compare.yaml")
+    if recipe.compare is None:
+        raise LayermoeError(f"{recipe_path} has no `compare:` section: use `layermoe run` for an ordinary recipe")
+    return run_compare(workdir, recipe, budgets=budgets)
+
+
+def run_compare(workdir: Workdir, recipe, budgets: list[int] | None = None) -> dict:
+    """Run (or resume) the variants of a recipe with a `compare:` section; print and write the table and plot."""
     from layermoe_cli.training.config import load_train_config
 
     spec, generation_spec = _check_recipe(recipe)
+    if budgets:
+        spec = spec.model_copy(update={"budgets": list(budgets)})
     configs = {stage: load_train_config(None, stage=stage, **getattr(generation_spec, f"stage{stage}")) for stage in (1, 2)}
     dense_config = configs[1].model_copy(update={"learning_rate": spec.dense_learning_rate or configs[1].learning_rate})
     root = workdir.root / "compare"
     with workdir.lock():  # the sub work dirs have their own locks and rollback; this one keeps two runs apart
         shared_cache = root / "cache"
         num_layers = _base_num_layers(recipe.model, shared_cache)
-        budgets = expert_budgets(num_layers, spec)
-        allocations = {
-            "layermoe": {**generation_spec.allocate, "strategy": "layerwise", "budget": budgets["layermoe_budget"]},
-            # MoE-LPR routes with its LPR loss alone: no routing classifier
-            "moe-lpr": {**generation_spec.allocate, "strategy": "uniform", "new_experts": budgets["baseline_new_experts"],
-                        "classifier_layers": 0},
-        }
+        budgets_used = expert_budgets(num_layers, spec)
+        variants = plan_variants(num_layers, spec, dict(generation_spec.allocate))
         manifests = {}
-        for name, allocate in allocations.items():
-            console.rule(f"[bold]compare: {TITLES[name]}[/] ({allocate['strategy']}, δ = "
-                         f"{allocate.get('budget', num_layers + allocate.get('new_experts', 0))})")
-            manifests[name] = _run_moe_variant(Workdir(root / name), shared_cache, recipe, generation_spec, allocate)
+        for variant in variants:
+            allocate = variant["allocate"]
+            delta = allocate.get("budget", num_layers + allocate["new_experts"] if "new_experts" in allocate else None)
+            console.rule(f"[bold]compare: {variant['title']}[/] ({allocate['strategy']}"
+                         + (f", δ = {delta})" if delta is not None else ", linear mapping)"))
+            manifests[variant["name"]] = _run_moe_variant(Workdir(root / variant["name"]), shared_cache, recipe,
+                                                          generation_spec, allocate)
         console.rule(f"[bold]compare: {TITLES['dense']}")
-        reference = Workdir(root / "layermoe")  # its manifest records the data every variant reads
-        dense = _run_dense(root / "dense", reference, manifests["layermoe"], dense_config)
+        reference_name = variants[0]["name"]
+        reference = Workdir(root / reference_name)  # its manifest records the data every variant reads
+        dense = _run_dense(root / "dense", reference, manifests[reference_name], dense_config)
         console.rule("[bold]compare: held-out bits per byte")
         max_tokens = (generation_spec.eval or {}).get("max_tokens")
         figures = _evaluate_all(root, reference, manifests, dense, max_tokens, recipe.device)
-        table = _summarise(manifests, dense, figures, budgets, spec, max_tokens)
+        table = _summarise(manifests, variants, dense, figures, budgets_used, spec, max_tokens)
     _write_outputs(workdir.root, table)
     console.print(compare_table(table))
-    err_console.print(f"wrote {workdir.root / 'compare.md'} and {workdir.root / 'compare.json'}")
+    err_console.print(f"wrote {workdir.root / 'compare.md'}, {workdir.root / 'compare.json'} and {workdir.root / 'compare.png'}")
     return table
 
 
@@ -115,7 +166,8 @@ def _check_recipe(recipe):
     fixed = [key for key in _ALLOCATE_KEYS_SET_HERE if key in generation.allocate]
     if fixed:
         raise LayermoeError(f"a compare recipe sets `allocate.{fixed[0]}` itself: remove it and use "
-                            "compare.baseline_new_experts_per_layer / compare.layermoe_share")
+                            "compare.baseline_new_experts_per_layer / compare.layermoe_share / compare.budgets / "
+                            "compare.neuron_mapping")
     if generation.stage1 is None or generation.stage2 is None:
         raise LayermoeError("a compare recipe needs both `stage1` and `stage2` (the dense variant uses stage1's settings)")
     extra = sorted(set(generation.eval or {}) - {"max_tokens"})
@@ -165,10 +217,21 @@ def _check_same_allocation(workdir: Workdir, manifest: Manifest, allocate: dict)
     if record.status != StepStatus.done:
         return
     num_layers = manifest.base_model.num_layers
-    wanted = allocate.get("budget") or num_layers + allocate["new_experts"]
-    if record.strategy != allocate["strategy"] or record.budget != wanted:
-        raise LayermoeError(f"{workdir.root} was allocated with {record.strategy} δ = {record.budget}, not "
-                            f"{allocate['strategy']} δ = {wanted}: delete that folder to compare at the new settings")
+    if "budget" in allocate or "new_experts" in allocate:
+        wanted = allocate.get("budget") or num_layers + allocate["new_experts"]
+    else:  # the linear neuron mapping: the budget is what it reaches
+        wanted = record.budget
+    same = record.strategy == allocate["strategy"] and record.budget == wanted
+    if allocate["strategy"] == "neuron":
+        same = same and record.neuron_mapping == allocate.get("neuron_mapping") and all(
+            record.config.get(key) == allocate[key] for key in ("min_experts", "max_experts") if key in allocate)
+    if not same:
+        def name(strategy, mapping):
+            return f"{strategy} ({mapping})" if strategy == "neuron" else strategy
+
+        raise LayermoeError(f"{workdir.root} was allocated with {name(record.strategy, record.neuron_mapping)} δ = "
+                            f"{record.budget}, not {name(allocate['strategy'], allocate.get('neuron_mapping'))} δ = {wanted}: "
+                            "delete that folder to compare at the new settings")
 
 
 # ---------------------------------------------------------------- the dense variant
@@ -246,7 +309,7 @@ def _evaluate_all(root: Path, reference: Workdir, manifests: dict[str, Manifest]
     from layermoe_cli.pipeline.common import documents_for_tokens, load_base, load_recorded_checkpoint, resolve_device, texts_for
 
     device = resolve_device(device)
-    manifest = manifests["layermoe"]
+    manifest = reference.load()
     generation = manifest.generations[1]
     languages = list(generation.languages)
     texts = {}
@@ -265,7 +328,7 @@ def _evaluate_all(root: Path, reference: Workdir, manifests: dict[str, Manifest]
         return load_model(resolve_model_spec(str(root / "dense" / "model")), device=device)
 
     jobs = {"base": (lambda: load_base(reference, manifest, device=device), "base model")}
-    for name in ("layermoe", "moe-lpr"):
+    for name in manifests:
         record = manifests[name].generations[1].stage2
         load = (lambda name=name, record=record: load_recorded_checkpoint(Workdir(root / name), manifests[name],
                                                                             record.checkpoint, device=device))
@@ -315,25 +378,32 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def _summarise(manifests, dense: dict, figures: dict, budgets: dict, spec: CompareSpec, max_tokens) -> dict:
-    generation = manifests["layermoe"].generations[1]
+def _summarise(manifests: dict[str, Manifest], variants: list[dict], dense: dict, figures: dict, budgets: dict,
+               spec: CompareSpec, max_tokens) -> dict:
+    """The table as plain data (compare.json): one row per variant, in `variants` order, then the dense fine-tune."""
+    generation = manifests[variants[0]["name"]].generations[1]
     old, new = list(generation.old_languages), list(generation.new_languages)
     base = figures["base"]
     base_old, base_new = _mean([base["bpb"][x] for x in old]), _mean([base["bpb"][x] for x in new])
     rows = []
-    for name in VARIANTS:
+    for name, title in [(v["name"], v["title"]) for v in variants] + [("dense", TITLES["dense"])]:
         bpb = figures[name]["bpb"]
         old_avg, new_avg = _mean([bpb[x] for x in old]), _mean([bpb[x] for x in new])
+        budget = strategy = None
         if name == "dense":
             new_experts, per_layer = 0, None
             steps, tokens = [dense["steps"]], [dense["tokens_seen"]]
         else:
             g1 = manifests[name].generations[1]
             per_layer = list(g1.allocation.new_experts_per_layer)
-            new_experts = sum(per_layer)
+            new_experts, budget = sum(per_layer), g1.allocation.budget
+            strategy = g1.allocation.strategy if g1.allocation.strategy != "neuron" else f"neuron ({g1.allocation.neuron_mapping})"
             steps, tokens = [g1.stage1.steps, g1.stage2.steps], [g1.stage1.tokens_seen, g1.stage2.tokens_seen]
         rows.append({
             "variant": name,
+            "title": title,
+            "strategy": strategy,
+            "budget": budget,
             "new_experts": new_experts,
             "new_experts_per_layer": per_layer,
             "total_parameters": figures[name]["total_parameters"],
@@ -361,7 +431,8 @@ def _signed(x: float) -> str:
 
 
 def _cells(row: dict) -> list[str]:
-    return [TITLES[row["variant"]], str(row["new_experts"]), f"{row['total_parameters']:,}", f"{row['trainable_parameters']:,}",
+    title = row.get("title") or TITLES.get(row["variant"], row["variant"])
+    return [title, str(row["new_experts"]), f"{row['total_parameters']:,}", f"{row['trainable_parameters']:,}",
             " + ".join(str(s) for s in row["steps"]), f"{row['old_avg']:.4f}", f"{row['new_avg']:.4f}",
             _signed(row["forgetting"]), _signed(row["gain"])]
 
@@ -377,8 +448,13 @@ def _caption(table: dict) -> str:
             "gain = base − New-avg (> 0: better). steps: stage 1 (+ stage 2), same stage-1 data and tokens for all.")
 
 
+def _heading(table: dict) -> str:
+    titles = [row.get("title") or TITLES.get(row["variant"], row["variant"]) for row in table["variants"]]
+    return " vs ".join(titles)
+
+
 def compare_table(table: dict) -> Table:
-    rich_table = Table(title="LayerMoE vs MoE-LPR vs dense fine-tune: held-out bits per byte (lower is better)",
+    rich_table = Table(title=f"{_heading(table)}: held-out bits per byte (lower is better)",
                        title_justify="left", caption=_caption(table), caption_justify="left")
     for column in COLUMNS:
         rich_table.add_column(column, justify="left" if column == "variant" else "right")
@@ -387,18 +463,38 @@ def compare_table(table: dict) -> Table:
     return rich_table
 
 
+def _settings_line(table: dict) -> str:
+    settings = table["settings"]
+    rows = {row["variant"]: row for row in table["variants"]}
+    parts = [f"MoE-LPR: {settings['baseline_new_experts_per_layer']} new experts in every layer "
+             f"({settings['baseline_new_experts']} in all)"]
+    if settings.get("budgets"):
+        parts.append("LayerMoE: Eq. 10 at δ = " + ", ".join(str(b) for b in sorted(set(settings["budgets"]))))
+    else:
+        parts.append(f"LayerMoE: {settings['layermoe_share']:g} of that, {settings['layermoe_new_experts']} new experts "
+                     f"(δ = {settings['layermoe_budget']}), allocated by Eq. 10")
+    neuron = rows.get("neuronmoe")
+    if neuron is not None:
+        if settings.get("neuron_mapping") == "linear":
+            parts.append(f"NeuronMoE: the authors' linear mapping of the language-specific neuron counts "
+                         f"({settings['neuron_min_experts']}–{settings['neuron_max_experts']} experts per layer), "
+                         f"which reached δ = {neuron['budget']}")
+        else:
+            parts.append(f"NeuronMoE: experts proportional to each layer's language-specific neurons at δ = {neuron['budget']}")
+    return "; ".join(parts) + "."
+
+
 def compare_markdown(table: dict) -> str:
-    lines = ["# LayerMoE vs MoE-LPR vs dense fine-tune", "", "| " + " | ".join(COLUMNS) + " |",
+    lines = [f"# {_heading(table)}", "", "| " + " | ".join(COLUMNS) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in table["variants"]]
-    settings = table["settings"]
-    lines += ["", _caption(table), "",
-              f"MoE-LPR: {settings['baseline_new_experts_per_layer']} new experts in every layer "
-              f"({settings['baseline_new_experts']} in all); LayerMoE: {settings['layermoe_share']:g} of that, "
-              f"{settings['layermoe_new_experts']} new experts (δ = {settings['layermoe_budget']}), allocated by Eq. 10.", ""]
+    lines += ["", _caption(table), "", _settings_line(table), "", "![gain and forgetting against trained parameters](compare.png)", ""]
     return "\n".join(lines)
 
 
 def _write_outputs(root: Path, table: dict) -> None:
+    from layermoe_cli.plots import plot_compare
+
     atomic_write_text(root / "compare.json", json.dumps(table, indent=2) + "\n")
     atomic_write_text(root / "compare.md", compare_markdown(table))
+    plot_compare(table, root / "compare.png")

@@ -37,13 +37,15 @@ DEFAULT_TOP_K = 2
 
 def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generation, *, budget=None, top_k=None,
                       classifier_granularity=None, device="auto", force=False, router_init=None,
-                      classifier=None) -> None:
+                      classifier=None, expert_init=None) -> None:
     """Expand `generation`. G1 upcycles the base model with `top_k` and `classifier_granularity`;
     G2 and later extend the previous model, whose top-k and granularity they keep (giving others
-    is refused), with `router_init` and `classifier` (default: what this generation used before)."""
+    is refused), with `router_init`, `classifier` and `expert_init` (default: what this generation
+    used before)."""
     if generation.index == 1:
         top_k = DEFAULT_TOP_K if top_k is None else top_k
         classifier_granularity = classifier_granularity or "token"
+        expert_init = expert_init or "expert0"
     else:
         first = manifest.generations[1].expansion.config
         kept = {"top-k": (top_k, first.get("top_k", DEFAULT_TOP_K)),
@@ -56,8 +58,14 @@ def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generati
         recorded = generation.expansion.config
         router_init = router_init or recorded.get("router_init")
         classifier = classifier or recorded.get("classifier") or "generation"
+        expert_init = expert_init or recorded.get("expert_init") or "expert0"
     if top_k < 1:
         raise LayermoeError(f"--top-k must be at least 1, not {top_k}")
+    if expert_init == "routed" and generation.index == 1:
+        raise LayermoeError("--expert-init routed needs an expanded model to route with: it applies from G2 (`layermoe extend`)")
+    if expert_init == "routed" and not generation.profile.routing_mass:
+        raise LayermoeError(f"the profile of G{generation.index} has no routing record (an older layermoe made it): "
+                            "redo it with `layermoe profile --force`")
     if classifier_granularity not in ("token", "sequence"):
         raise LayermoeError(f"unknown classifier granularity {classifier_granularity!r}: use token or sequence")
     if generation.allocation.status != StepStatus.done:
@@ -81,10 +89,13 @@ def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generati
                             f"({max(allocation.experts_per_layer)}): use at most that many")
     device = resolve_device(device)
     _check_room(manifest, generation, device, out)
+    if generation.index >= 2 and router_init is None:  # new rows tie with the expert the new experts copy
+        router_init = "source" if expert_init == "routed" else "expert0"
     config = dict(top_k=top_k, classifier_granularity=classifier_granularity, device=device, router_init=router_init,
-                  classifier=classifier)
+                  classifier=classifier, expert_init=expert_init)
     with run_step(workdir, manifest, generation.expansion, f"expansion of G{generation.index}", config, force) as record:
-        _expand(workdir, manifest, generation, record, out, top_k, classifier_granularity, device, router_init, classifier)
+        _expand(workdir, manifest, generation, record, out, top_k, classifier_granularity, device, router_init, classifier,
+                expert_init)
 
 
 def available_memory(device: str) -> int:
@@ -140,9 +151,11 @@ def _is_ours(path: Path) -> bool:
         return False
 
 
-def _expand(workdir, manifest, generation, record, out, top_k, granularity, device, router_init, classifier) -> None:
+def _expand(workdir, manifest, generation, record, out, top_k, granularity, device, router_init, classifier,
+            expert_init) -> None:
     import torch
 
+    from layermoe_cli.expert_use import most_routed_experts
     from layermoe_cli.modeling import add_generation, save_layermoe, upcycle
 
     source, tokenizer = load_generation_model(workdir, manifest, generation, device=device, dtype=torch.float32)
@@ -154,9 +167,14 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
         model = upcycle(source, allocation.new_experts_per_layer, classifier_layers=allocation.classifier_layers,
                         top_k=top_k, classifier_granularity=granularity)
     else:
-        options = {} if router_init is None else {"router_init": router_init}
+        sources = None
+        if expert_init == "routed":
+            sources = most_routed_experts(generation.profile.routing_mass, generation.new_languages)
         model = add_generation(source, allocation.new_experts_per_layer, allocation.classifier_layers,
-                               classifier_classes=2 if classifier == "binary" else None, **options)
+                               classifier_classes=2 if classifier == "binary" else None, router_init=router_init,
+                               expert_sources=sources)
+        record.expert_init = expert_init
+        record.expert_sources = sources if sources is not None else [0] * len(allocation.new_experts_per_layer)
     model.eval()
     with torch.no_grad():
         logits = model(**probe).logits.float()
@@ -191,8 +209,12 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
         err_console.print(f"[yellow]note:[/] max |Δlogit| against the base model = {diff:.2e}, above {PRESERVATION_TOLERANCE:g} "
                           "(float rounding accumulated over the layers; recorded in the manifest)", soft_wrap=True)
     else:
-        err_console.print(f"max |Δlogit| against G{generation.index - 1}'s model = {diff:.2e} (router_init "
-                          f"{router_init or 'expert0'}; the bits-per-byte drift follows)", soft_wrap=True)
+        err_console.print(f"max |Δlogit| against G{generation.index - 1}'s model = {diff:.2e} (expert_init {expert_init}, "
+                          f"router_init {router_init}; the bits-per-byte drift follows)", soft_wrap=True)
+        if expert_init == "routed":
+            err_console.print("new experts copy, per layer: " + ", ".join(
+                f"{i}:{e}" for i, (e, n) in enumerate(zip(record.expert_sources, allocation.new_experts_per_layer)) if n),
+                soft_wrap=True)
 
 
 def _probe_batch(workdir, generation, tokenizer, device, documents_per_language: int = 2, max_length: int = 64):

@@ -1,7 +1,8 @@
 """`layermoe extend`: open the next generation (lifelong expansion, G(n) → G(n+1)).
 
 Profile the current expanded model (its HSA is the MoE block's input), allocate a new group
-of experts per layer, append them as copies of expert 0 with every earlier expert frozen,
+of experts per layer, append them as copies of expert 0 (or, with `--expert-init routed`, of
+the expert the new languages' tokens are routed to most) with every earlier expert frozen,
 and measure right away how much the earlier languages moved (they should not, much).
 """
 
@@ -25,19 +26,24 @@ from layermoe_cli.pipeline.profile import profile_generation
 from layermoe_cli.workdir import StepAlreadyDone, Workdir, session
 
 CLASSIFIER_MODES = ("generation", "binary")
-# How the router rows of the new experts start (see docs in README: "Extending").
-DEFAULT_ROUTER_INIT = "expert0"
+EXPERT_INITS = ("expert0", "routed")
+# How the router rows of the new experts start (see docs in README: "Extending"): expert 0's row,
+# or with --expert-init routed the row of the expert they copy.
+DEFAULT_ROUTER_INIT = None
 DEFAULT_DRIFT_TOKENS = 20_000  # held-out tokens per earlier language when no eval of the previous model sets the cap
 
 
 def run_extend(workdir: Workdir, *, new, data=(), budget=None, new_experts=None, tokens=100_000, classifier="generation",
                device="auto", router_init=DEFAULT_ROUTER_INIT, drift_tokens=None, strategy="layerwise",
-               classifier_layers=None, batch_tokens=8192, seed=0) -> None:
+               classifier_layers=None, batch_tokens=8192, seed=0, expert_init="expert0", neuron_mapping="proportional",
+               min_experts=None, max_experts=None) -> None:
     with session(workdir):
         manifest = workdir.load()
         extend_generation(workdir, manifest, new=new, data=data, budget=budget, new_experts=new_experts, tokens=tokens,
                           classifier=classifier, device=device, router_init=router_init, drift_tokens=drift_tokens,
-                          strategy=strategy, classifier_layers=classifier_layers, batch_tokens=batch_tokens, seed=seed)
+                          strategy=strategy, classifier_layers=classifier_layers, batch_tokens=batch_tokens, seed=seed,
+                          expert_init=expert_init, neuron_mapping=neuron_mapping, min_experts=min_experts,
+                          max_experts=max_experts)
 
 
 def open_generation(manifest: Manifest, new: list[str]) -> Generation:
@@ -68,10 +74,14 @@ def open_generation(manifest: Manifest, new: list[str]) -> Generation:
 
 def extend_generation(workdir: Workdir, manifest: Manifest, *, new, data=(), budget=None, new_experts=None,
                       tokens=100_000, classifier="generation", device="auto", router_init=DEFAULT_ROUTER_INIT,
-                      drift_tokens=None, strategy="layerwise", classifier_layers=None, batch_tokens=8192, seed=0) -> Generation:
+                      drift_tokens=None, strategy="layerwise", classifier_layers=None, batch_tokens=8192, seed=0,
+                      expert_init="expert0", neuron_mapping="proportional", min_experts=None, max_experts=None,
+                      neuron_top_n=None, neuron_documents=None) -> Generation:
     _check_arguments(manifest, budget=budget, new_experts=new_experts, tokens=tokens, batch_tokens=batch_tokens,
                      classifier=classifier, router_init=router_init, drift_tokens=drift_tokens, strategy=strategy,
-                     classifier_layers=classifier_layers)
+                     classifier_layers=classifier_layers, expert_init=expert_init, neuron_mapping=neuron_mapping,
+                     min_experts=min_experts, max_experts=max_experts)
+    neuron_options = {k: v for k, v in dict(neuron_top_n=neuron_top_n, neuron_documents=neuron_documents).items() if v is not None}
     generation = open_generation(manifest, new)
     if generation.expansion.status == StepStatus.done and "bpb_drift" in generation.expansion.metrics:
         raise StepAlreadyDone(f"G{generation.index} ({', '.join(new)}) is open already: train it with "
@@ -79,35 +89,43 @@ def extend_generation(workdir: Workdir, manifest: Manifest, *, new, data=(), bud
     device = resolve_device(device)
     if generation.profile.status != StepStatus.done:
         profile_generation(workdir, manifest, generation, data=data, tokens=tokens, batch_tokens=batch_tokens,
-                           device=device, seed=seed)
+                           device=device, seed=seed, **neuron_options)
     if generation.allocation.status != StepStatus.done:
         allocate_generation(workdir, manifest, generation, budget=budget, new_experts=new_experts, strategy=strategy,
-                            classifier_layers=classifier_layers, seed=seed)
+                            classifier_layers=classifier_layers, seed=seed, neuron_mapping=neuron_mapping,
+                            min_experts=min_experts, max_experts=max_experts)
     if generation.expansion.status != StepStatus.done:
-        expand_generation(workdir, manifest, generation, device=device, router_init=router_init, classifier=classifier)
+        expand_generation(workdir, manifest, generation, device=device, router_init=router_init, classifier=classifier,
+                          expert_init=expert_init)
     measure_drift(workdir, manifest, generation, device, drift_tokens)
     workdir.save(manifest)
     return generation
 
 
 def _check_arguments(manifest: Manifest, *, budget, new_experts, tokens, batch_tokens, classifier, router_init, drift_tokens,
-                     strategy, classifier_layers) -> None:
+                     strategy, classifier_layers, expert_init, neuron_mapping, min_experts, max_experts) -> None:
     """Every argument of `extend`, checked before the profile (minutes on a real model) starts."""
     from layermoe_cli import allocation as alloc
     from layermoe_cli.modeling import ROUTER_INITS
-    from layermoe_cli.pipeline.allocate import resolve_budget
+    from layermoe_cli.pipeline.allocate import check_neuron_settings, resolve_budget
 
     if classifier not in CLASSIFIER_MODES:
         raise LayermoeError(f"unknown classifier mode {classifier!r}: use generation or binary")
-    if router_init not in ROUTER_INITS:
+    if expert_init not in EXPERT_INITS:
+        raise LayermoeError(f"unknown expert init {expert_init!r}: use expert0 or routed")
+    if router_init is not None and router_init not in ROUTER_INITS:
         raise LayermoeError(f"unknown --router-init {router_init!r}: use {', '.join(ROUTER_INITS[:-1])} or {ROUTER_INITS[-1]}")
     for option, value in (("--tokens", tokens), ("--batch-tokens", batch_tokens), ("--drift-tokens", drift_tokens)):
         if value is not None and value < 1:
             raise LayermoeError(f"{option} must be positive, not {value}")
-    if budget is None and new_experts is None:
+    if strategy not in alloc.STRATEGIES:
+        raise LayermoeError(f"unknown allocation strategy {strategy!r}: choose one of {', '.join(alloc.STRATEGIES)}")
+    check_neuron_settings(strategy, neuron_mapping, min_experts, max_experts, budget, new_experts, "exact", None)
+    linear = strategy == "neuron" and neuron_mapping == "linear"
+    if budget is None and new_experts is None and not linear:
         raise LayermoeError("give --budget (δ, counting expert 0 of every layer) or --new-experts for the new generation")
     num_layers = manifest.base_model.num_layers
-    if num_layers:
+    if num_layers and not linear:
         delta = resolve_budget(budget, new_experts, num_layers)
         k = alloc.default_classifier_k(num_layers) if classifier_layers is None else classifier_layers
         alloc.validate_budget(num_layers, delta, k=k, strategy=strategy)

@@ -10,6 +10,7 @@ from rich.table import Table
 from layermoe_cli.console import console, err_console
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import BaseModelRecord, DataSourceRecord, Generation, Manifest
+from layermoe_cli.neurons import DEFAULT_DOCUMENTS, DEFAULT_TOP_N
 from layermoe_cli.pipeline.common import (
     documents_for_tokens,
     load_generation_model,
@@ -132,9 +133,10 @@ def _check_disjoint(old: list[str], new: list[str]) -> None:
 
 
 def run_profile(workdir: Workdir, *, model, old, new, data, text_field, tokens, batch_tokens, device, dtype, seed,
-                include_bos, force) -> None:
+                include_bos, force, neuron_top_n=DEFAULT_TOP_N, neuron_documents=DEFAULT_DOCUMENTS) -> None:
     if tokens < 1 or batch_tokens < 1:
         raise LayermoeError("--tokens and --batch-tokens must be positive")
+    _check_neuron_options(neuron_top_n, neuron_documents)
     with session(workdir):
         if workdir.has_manifest():
             manifest = workdir.load()
@@ -145,20 +147,29 @@ def run_profile(workdir: Workdir, *, model, old, new, data, text_field, tokens, 
             generation = manifest.generations[1]
         profile_generation(workdir, manifest, generation, data=data, text_field=text_field, tokens=tokens,
                            batch_tokens=batch_tokens, device=device, dtype=dtype, seed=seed, include_bos=include_bos,
-                           force=force)
+                           force=force, neuron_top_n=neuron_top_n, neuron_documents=neuron_documents)
+
+
+def _check_neuron_options(neuron_top_n: int, neuron_documents: int) -> None:
+    if neuron_top_n < 0:
+        raise LayermoeError(f"--neuron-top-n must be 0 (no neuron count) or more, got {neuron_top_n}")
+    if neuron_documents < 1:
+        raise LayermoeError(f"--neuron-docs must be at least 1, got {neuron_documents}")
 
 
 def profile_generation(workdir: Workdir, manifest: Manifest, generation: Generation, *, data=(), text_field="text",
                        tokens=100_000, batch_tokens=8192, device="auto", dtype="auto", seed=0, include_bos=False,
-                       force=False) -> None:
+                       force=False, neuron_top_n=DEFAULT_TOP_N, neuron_documents=DEFAULT_DOCUMENTS) -> None:
     """Profile one generation inside an open session (the CLI's and the recipe runner's shared body)."""
+    _check_neuron_options(neuron_top_n, neuron_documents)
     generation.data = describe_data(workdir, generation.languages, list(data), text_field, inherited=generation.data)
     device = resolve_device(device)
-    config = dict(tokens=tokens, batch_tokens=batch_tokens, device=device, dtype=dtype, seed=seed, include_bos=include_bos)
+    config = dict(tokens=tokens, batch_tokens=batch_tokens, device=device, dtype=dtype, seed=seed, include_bos=include_bos,
+                  neuron_top_n=neuron_top_n, neuron_documents=neuron_documents)
     label = f"profile of G{generation.index}"
     with run_step(workdir, manifest, generation.profile, label, config, force) as record:
         _profile(workdir, manifest, generation, record, tokens, batch_tokens, device, resolve_dtype(dtype, device), seed,
-                 include_bos)
+                 include_bos, neuron_top_n, neuron_documents)
 
 
 def _same_model(workdir: Workdir, manifest: Manifest, model: str) -> bool:
@@ -183,10 +194,9 @@ def _check_matches(workdir: Workdir, manifest: Manifest, generation: Generation,
                             "use `layermoe extend --new ...` to open the next generation")
 
 
-def _profile(workdir, manifest, generation, record, tokens, batch_tokens, device, dtype, seed, include_bos) -> None:
+def _profile(workdir, manifest, generation, record, tokens, batch_tokens, device, dtype, seed, include_bos,
+             neuron_top_n, neuron_documents) -> None:
     from layermoe_cli.plots import plot_profile
-
-
     from layermoe_cli.similarity import layer_scores, pair_means, profile_model
 
     limit = documents_for_tokens(tokens)
@@ -196,7 +206,8 @@ def _profile(workdir, manifest, generation, record, tokens, batch_tokens, device
         record_base_shape(manifest, model)
     with token_progress("profile") as update:
         result = profile_model(model, tokenizer, texts, tokens_per_language=tokens, batch_tokens=batch_tokens,
-                               include_bos=include_bos, seed=seed, device=device, progress=update)
+                               include_bos=include_bos, seed=seed, device=device, progress=update,
+                               neuron_top_n=neuron_top_n, neuron_documents=neuron_documents)
     old, new = generation.old_languages, generation.new_languages
     record.languages = list(result.languages)
     record.matrix = result.matrix
@@ -209,13 +220,29 @@ def _profile(workdir, manifest, generation, record, tokens, batch_tokens, device
     for language, count in result.tokens_per_language.items():
         if count == 0:
             raise LayermoeError(f"no tokens of {language} to profile: its training-side data is empty")
+    if result.neurons is not None:
+        if result.neurons.top_n < neuron_top_n:
+            err_console.print(f"[yellow]note:[/] the model has only {result.neurons.top_n:,} FFN neurons, fewer than "
+                              f"--neuron-top-n {neuron_top_n:,}: every neuron counts, so the neuron counts carry no signal",
+                              soft_wrap=True)
+        record.neuron_counts = list(result.neurons.unique_per_layer)
+        record.neuron_counts_by_language = dict(result.neurons.per_language)
+        record.neuron_top_n = result.neurons.top_n
+        record.neuron_documents = dict(result.neurons.documents)
+    record.routing_mass = result.routing_mass
 
     out = workdir.generation_dir(generation.index)
     out.mkdir(parents=True, exist_ok=True)
     payload = dict(languages=record.languages, old=old, new=new, similarity=record.similarity, new_new=record.new_new,
                    new_old=record.new_old, tokens_per_language=record.tokens_per_language, matrix=record.matrix)
+    if record.neuron_counts is not None:
+        payload["neurons"] = dict(top_n=record.neuron_top_n, documents=record.neuron_documents,
+                                  unique_per_layer=record.neuron_counts, per_language=record.neuron_counts_by_language)
+    if record.routing_mass is not None:
+        payload["routing_mass"] = record.routing_mass
     atomic_write_text(out / "profile.json", json.dumps(payload, indent=1))
-    plot_profile(record.similarity, record.matrix, record.languages, old, new, out / "profile.png")
+    plot_profile(record.similarity, record.matrix, record.languages, old, new, out / "profile.png",
+                 neuron_counts=record.neuron_counts, neuron_top_n=record.neuron_top_n)
     record.outputs = {"json": workdir.rel(out / "profile.json"), "plot": workdir.rel(out / "profile.png")}
     console.print(profile_table(generation, record))
     err_console.print(f"wrote {record.outputs['plot']} and {record.outputs['json']} in {workdir.root}")
@@ -228,12 +255,21 @@ def profile_table(generation: Generation, record) -> Table:
     table.add_column("S^i", justify="right")
     table.add_column("new–new", justify="right")
     table.add_column("new–old", justify="right")
+    if record.neuron_counts is not None:
+        table.add_column(f"neurons\n(top {record.neuron_top_n:,})", justify="right")
     order = sorted(range(len(record.similarity)), key=lambda i: record.similarity[i])
     rank = {layer: r for r, layer in enumerate(order)}
     for i, score in enumerate(record.similarity):
         style = "bold" if rank[i] < 3 else ""
         nn = "—" if record.new_new is None else f"{record.new_new[i]:.4f}"
-        table.add_row(str(i), f"[{style}]{score:.4f}[/]" if style else f"{score:.4f}", nn, f"{record.new_old[i]:.4f}")
+        cells = [str(i), f"[{style}]{score:.4f}[/]" if style else f"{score:.4f}", nn, f"{record.new_old[i]:.4f}"]
+        if record.neuron_counts is not None:
+            cells.append(f"{record.neuron_counts[i]:,}")
+        table.add_row(*cells)
     table.caption = "lowest three (most language-specific) in bold; tokens: " + ", ".join(
         f"{k} {v:,}" for k, v in record.tokens_per_language.items())
+    if record.neuron_counts is not None:
+        table.caption += ("; neurons: unique language-specific FFN neurons among each language's top "
+                          f"{record.neuron_top_n:,} by AP (documents: "
+                          + ", ".join(f"{k} {v}" for k, v in record.neuron_documents.items()) + ")")
     return table

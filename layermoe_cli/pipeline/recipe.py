@@ -41,7 +41,7 @@ class Recipe(BaseModel):
     model: str
     device: str = "auto"
     generations: list[GenerationRecipe]
-    compare: dict[str, Any] | None = None  # LayerMoE vs MoE-LPR vs dense on one generation (pipeline/compare.py)
+    compare: dict[str, Any] | None = None  # LayerMoE vs NeuronMoE vs MoE-LPR vs dense on one generation (pipeline/compare.py)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -175,7 +175,7 @@ def run_demo(workdir: Workdir, compare: bool = False) -> None:
     recipe = RECIPES_DIR / name
     if not recipe.is_file():  # installed without the source tree: the recipe travels with the package
         recipe = Path(__file__).resolve().parent.parent / "recipes" / name
-    if compare:  # LayerMoE vs MoE-LPR vs a dense fine-tune on G0 → G1 (pipeline/compare.py)
+    if compare:  # LayerMoE vs NeuronMoE vs MoE-LPR vs a dense fine-tune on G0 → G1 (pipeline/compare.py)
         run_recipe(workdir, recipe)
         return
     manifest = run_recipe(workdir, recipe)
