@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
+from rich.markup import escape
 
 from layermoe_cli import __version__
 from layermoe_cli.console import console, err_console
@@ -74,10 +75,11 @@ def _call(step: Callable, *args, **kwargs):
     try:
         return step(*args, **kwargs)
     except LayermoeError as e:
-        err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+        # the message is text, not markup: a path or value with [brackets] or :x: is shown as given
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False, emoji=False)
         raise typer.Exit(e.exit_code)
     except StepAlreadyDone as e:
-        console.print(f"[green]✓[/] {e}", soft_wrap=True, highlight=False)
+        console.print(f"[green]✓[/] {escape(str(e))}", soft_wrap=True, highlight=False, emoji=False)
         raise typer.Exit(0)
 
 
@@ -217,7 +219,9 @@ def eval_(
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot"),
     limit: Optional[int] = typer.Option(None, "--limit"),
     tasks_path: Optional[Path] = typer.Option(None, "--tasks-path", help="Folder of extra lm-eval task YAMLs (e.g. local data)."),
-    device: str = typer.Option("auto"),
+    batch_size: str = typer.Option("1", "--batch-size", help="lm-eval's batch size: N, auto (the largest that fits) or auto:N."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", help="The models' weights: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON only."),
     force: bool = typer.Option(False, "--force", help="Measure again even if this model was measured with these settings."),
 ) -> None:
@@ -226,7 +230,7 @@ def eval_(
 
     _call(run_eval, ctx.obj, langs=_split(langs), model=model, max_tokens=max_tokens, tasks=_split(tasks),
           num_fewshot=num_fewshot, limit=limit, device=device, as_json=as_json, force=force, include_path=tasks_path,
-          data=data, text_field=text_field)
+          data=data, text_field=text_field, dtype=dtype, batch_size=batch_size)
 
 
 @app.command(epilog='Example: layermoe generate --prompt "Καλημέρα, σήμερα" --model current --compare base')
@@ -310,8 +314,8 @@ def compare_(
     try:
         values = [int(b) for b in _split(budgets)]
     except ValueError:
-        err_console.print(f"[bold red]error:[/] --budgets takes whole numbers separated by commas, not {budgets!r}",
-                          soft_wrap=True, highlight=False)
+        err_console.print(f"[bold red]error:[/] --budgets takes whole numbers separated by commas, not {escape(repr(budgets))}",
+                          soft_wrap=True, highlight=False, emoji=False)
         raise typer.Exit(2)
     _call(run_compare_recipe, ctx.obj, recipe, budgets=values or None)
 

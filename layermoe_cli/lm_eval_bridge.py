@@ -27,6 +27,17 @@ def _import_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
+def parse_batch_size(value: int | str) -> int | str:
+    """lm-eval's batch size from a CLI value: a positive integer, `auto` (lm-eval finds the largest
+    that fits, from 64 down) or `auto:N` (that search again N times as the documents get shorter)."""
+    text = str(value).strip()
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if text == "auto" or (text.startswith("auto:") and text[5:].isdigit() and int(text[5:]) > 0):
+        return text
+    raise LayermoeError(f"--batch-size {value}: use a positive integer, auto or auto:N")
+
+
 def _plain(value):
     """JSON-safe scalars: NaN/inf become None (lm-eval reports N/A stderr as NaN or 'N/A')."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -46,7 +57,7 @@ def run_lm_eval(
     num_fewshot: int | None = None,
     limit: int | float | None = None,
     include_path: str | Path | None = None,
-    batch_size: int = 1,
+    batch_size: int | str = 1,
     return_samples: bool = False,
     include_defaults: bool = True,
 ) -> dict:
@@ -57,6 +68,8 @@ def run_lm_eval(
      "n_samples": {task: {"original", "effective"}},
      "samples": {task: [per-document records]}  (only with return_samples)}
 
+    `batch_size`: an integer, `auto` or `auto:N` (`parse_batch_size`); the model runs in the
+    dtype it was loaded in (`eval` loads bfloat16 on CUDA, float32 on CPU).
     `include_path` is a folder of extra task YAMLs (e.g. local data sets);
     `include_defaults=False` skips indexing lm-eval's ~10k built-in tasks (about 15 s).
     """
@@ -71,7 +84,7 @@ def run_lm_eval(
     unknown = [t for t in tasks if not task_manager.match_tasks([t])]
     if unknown:
         raise LayermoeError(f"unknown lm-eval task(s): {', '.join(unknown)} (list them with `lm-eval ls tasks`, or pass a folder of task YAMLs)")
-    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=parse_batch_size(batch_size))
     was_training = model.training
     model.eval()
     try:

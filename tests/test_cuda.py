@@ -197,6 +197,9 @@ def test_bf16_chain_to_g2_keeps_frozen_weights(tmp_path, device):
     assert any(not torch.equal(_weights(run / g2.expansion.checkpoint)[n], after[n]) for n in after if ".experts.g2." in n)
     figures = g2.eval.languages
     assert set(figures) == {"en", "el", "hu", "tr"} and all(r.bpb > 0 for r in figures.values())
+    # eval's --dtype auto: bfloat16 weights on CUDA (float32 on CPU); the drift check follows G1's eval
+    expected = "bfloat16" if device.startswith("cuda") else "float32"
+    assert g1.eval.config["dtype"] == g2.eval.config["dtype"] == g2.expansion.metrics["drift_dtype"] == expected
 
 
 # ---------------------------------------------------------------------------------------

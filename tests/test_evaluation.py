@@ -323,6 +323,22 @@ def test_lm_eval_bridge_on_a_local_task_matches_hand_scoring(tiny):
     assert metrics["acc_norm,none"] == pytest.approx(correct_norm / len(docs))
 
 
+def test_lm_eval_bridge_batches_give_the_figures_of_batch_size_one(tiny):
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'layermoe[eval]'")
+    from layermoe_cli.lm_eval_bridge import parse_batch_size, run_lm_eval
+
+    assert [parse_batch_size(v) for v in ("1", "16", "auto", "auto:4", 8)] == [1, 16, "auto", "auto:4", 8]
+    model, tok = tiny
+    kwargs = dict(include_path=LM_EVAL_TASK_DIR, include_defaults=False, return_samples=True)
+    one = run_lm_eval(model, tok, ["layermoe_tiny_mc"], batch_size=1, **kwargs)
+    four = run_lm_eval(model, tok, ["layermoe_tiny_mc"], batch_size="4", **kwargs)
+    assert four["results"] == one["results"]
+    lls = [{s["doc_id"]: [r[0] for r in s["filtered_resps"]] for s in out["samples"]["layermoe_tiny_mc"]} for out in (one, four)]
+    assert lls[0].keys() == lls[1].keys() == set(range(6))
+    for doc in lls[0]:  # padded batches score each choice as alone, up to float rounding
+        assert lls[1][doc] == pytest.approx(lls[0][doc], abs=1e-4)
+
+
 def test_lm_eval_bridge_without_lm_eval_says_how_to_install(tiny, monkeypatch):
     import sys
 

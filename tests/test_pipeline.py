@@ -516,6 +516,47 @@ def test_own_test_sets_equal_a_direct_computation_and_a_rerun_is_cached(tmp_path
     assert snapshot(workdir) == before  # nothing measured, nothing written
 
 
+def test_eval_dtype_loads_the_models_in_it_and_caches_per_dtype(tmp_path, expanded):
+    """`eval --dtype bfloat16` (the default on CUDA) equals a direct bf16 computation and is cached apart from float32."""
+    import torch
+
+    from layermoe_cli.evaluation import evaluate_languages
+    from layermoe_cli.pipeline.common import load_checkpoint, resolve_dtype
+    from layermoe_cli.pipeline.evaluate import held_out_texts
+
+    assert (resolve_dtype("auto", "cuda"), resolve_dtype("auto", "cpu")) == (torch.bfloat16, torch.float32)
+    workdir = tmp_path / "run"
+    shutil.copytree(expanded, workdir)
+    fp32 = layermoe(workdir, "eval", "--max-tokens", "200", "--json")
+    assert fp32.exit_code == 0, fp32.output
+    bf16 = layermoe(workdir, "eval", "--max-tokens", "200", "--json", "--dtype", "bf16")
+    assert bf16.exit_code == 0, bf16.output
+    assert "up to date" not in bf16.stderr  # another dtype is another measurement, not a cache hit
+    g1 = manifest_of(workdir).generations[1]
+    assert (g1.eval.config["dtype"], manifest_of(workdir).generations[0].eval.config["dtype"]) == ("bfloat16", "bfloat16")
+    model, tok = load_checkpoint(workdir / "g1" / "expanded", dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    direct = evaluate_languages(model, tok, held_out_texts(Workdir(workdir), manifest_of(workdir), ["el"], 200), max_tokens=200)
+    in_bf16, in_fp32 = (json.loads(r.stdout)["languages"]["el"]["bpb"] for r in (bf16, fp32))
+    assert in_bf16 == direct["el"].bpb and in_bf16 != in_fp32 and in_bf16 == pytest.approx(in_fp32, rel=0.02)
+    again = layermoe(workdir, "eval", "--max-tokens", "200", "--json")  # float32 again: from the cache
+    assert "every figure comes from the cache" in again.stderr and json.loads(again.stdout) == json.loads(fp32.stdout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "float16"], "unknown dtype 'float16': use auto, float32 or bfloat16"),
+    (["--batch-size", "0"], "--batch-size 0: use a positive integer, auto or auto:N"),
+    (["--batch-size", "auto:x"], "--batch-size auto:x: use a positive integer, auto or auto:N"),  # no emoji for :x:
+    (["--batch-size", "[red]"], "--batch-size [red]: use a positive integer, auto or auto:N"),  # nor markup
+])
+def test_bad_eval_dtype_or_batch_size(tmp_path, expanded, args, message):
+    workdir = tmp_path / "run"
+    shutil.copytree(expanded, workdir)
+    before = snapshot(workdir)
+    assert_one_line_error(layermoe(workdir, "eval", *args), message)
+    assert snapshot(workdir) == before
+
+
 def test_eval_cache_hits_by_checksum_and_misses_when_the_weights_change(tmp_path, tiny):
     from safetensors.torch import load_file, save_file
 

@@ -44,6 +44,7 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from rich.markup import escape
 
 from layermoe_cli.data.packing import FORMAT_VERSION, PreparedData, open_prepared
 from layermoe_cli.data.sources import CHUNK_BYTES, Source, no_document_error, source_bytes, source_chunks, source_identity, split_rule
@@ -388,7 +389,7 @@ def prepare(sources: Mapping[str, Source], generation_of_language: Mapping[str, 
                 notes.append(f"{stats['language']} has {stats['tokens']:,} training tokens in {stats['documents']:,} "
                              f"documents, fewer than its budget ({stats['budget']}): all of them are used")
         for note in notes:
-            console.print(f"[yellow]note:[/] {note}", soft_wrap=True, highlight=False)
+            console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True, highlight=False, emoji=False)
         _finish(partial, final, selection, generation_of_language, current_generation, tokenizer, sources, notes)
     return open_prepared(final)
 

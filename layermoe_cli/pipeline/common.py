@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from layermoe_cli.console import err_console
@@ -27,15 +28,27 @@ def resolve_device(device: str) -> str:
     return device
 
 
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
 def resolve_dtype(dtype: str, device: str):
+    """The torch dtype of a --dtype option on `device`: auto is bfloat16 on CUDA, float32 elsewhere."""
+    if dtype == "auto":
+        return torch_dtype("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype not in DTYPE_NAMES:
+        raise LayermoeError(f"unknown dtype {dtype!r}: use auto, float32 or bfloat16")
+    return torch_dtype(DTYPE_NAMES[dtype])
+
+
+def torch_dtype(name: str):
     import torch
 
-    choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in choices:
-        raise LayermoeError(f"unknown dtype {dtype!r}: use auto, float32 or bfloat16")
-    return choices[dtype]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[DTYPE_NAMES[name]]
+
+
+def dtype_name(dtype) -> str:
+    """float32 | bfloat16, as manifests and cache keys name a torch dtype."""
+    return str(dtype).removeprefix("torch.")
 
 
 @contextmanager
@@ -211,7 +224,7 @@ _said: set[str] = set()  # fallback notes already printed by this process
 def _note_once(text: str) -> None:
     if text not in _said:
         _said.add(text)
-        err_console.print(f"[yellow]note:[/] {text}", soft_wrap=True, highlight=False)
+        err_console.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True, highlight=False, emoji=False)
 
 
 def resolve_data_spec(workdir: Workdir, source: DataSourceRecord, language: str | None = None) -> str:

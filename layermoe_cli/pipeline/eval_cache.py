@@ -29,9 +29,6 @@ from pathlib import Path
 from layermoe_cli import __version__
 from layermoe_cli.workdir import atomic_write_text
 
-EVAL_DTYPE = "float32"  # every eval loads its models in float32 (pipeline/common.py)
-
-
 def texts_fingerprint(texts: list[str]) -> str:
     """sha256 of the documents in order (each length-prefixed, so no two lists collide by concatenation)."""
     digest = hashlib.sha256()
@@ -78,10 +75,12 @@ class EvalJob:
 class ModelUnderTest:
     """A model to measure: its fingerprint without loading it, and the model itself once, on demand."""
 
-    def __init__(self, label: str, source, loader: Callable[[str], tuple], cache_dir: Path | None = None):
+    def __init__(self, label: str, source, loader: Callable[[str], tuple], cache_dir: Path | None = None,
+                 dtype: str = "float32"):
         self.label = label  # how the manifest names it: "base", "g1/stage2", ...
         self.source = source  # a models.ModelSource
-        self._loader = loader  # device -> (model, tokenizer)
+        self._loader = loader  # device -> (model, tokenizer), the model's weights in `dtype`
+        self.dtype = dtype  # float32 | bfloat16: part of the cache key
         self._cache_dir = cache_dir
         self._fingerprint: str | None = None
         self._loaded: tuple | None = None
@@ -117,18 +116,18 @@ class EvalCache:
         self.directory = Path(directory)
 
     @staticmethod
-    def key(fingerprint: str, job: EvalJob) -> str:
+    def key(fingerprint: str, dtype: str, job: EvalJob) -> str:
         # The window length is the model's default (its config is part of the fingerprint).
         material = {"model": fingerprint, "language": job.language, "texts": job.texts_sha256,
-                    "max_tokens": job.max_tokens, "dtype": EVAL_DTYPE, "layermoe": __version__}
+                    "max_tokens": job.max_tokens, "dtype": dtype, "layermoe": __version__}
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.json"
 
-    def lookup(self, fingerprint: str, job: EvalJob) -> dict | None:
-        """The entry for `job` on that model, or None (also when the job needs routing the entry lacks)."""
-        path = self._path(self.key(fingerprint, job))
+    def lookup(self, fingerprint: str, dtype: str, job: EvalJob) -> dict | None:
+        """The entry for `job` on that model in that dtype, or None (also when the job needs routing the entry lacks)."""
+        path = self._path(self.key(fingerprint, dtype, job))
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -138,12 +137,12 @@ class EvalCache:
             return None
         return entry
 
-    def store(self, fingerprint: str, job: EvalJob, figures: dict, routing: dict | None) -> None:
+    def store(self, fingerprint: str, dtype: str, job: EvalJob, figures: dict, routing: dict | None) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         entry = {"language": job.language, "texts_sha256": job.texts_sha256, "max_tokens": job.max_tokens,
-                 "model": fingerprint, "eval": figures,
+                 "model": fingerprint, "dtype": dtype, "eval": figures,
                  "routing": None if routing is None else {"generation": job.generation, "counts": routing}}
-        atomic_write_text(self._path(self.key(fingerprint, job)), json.dumps(entry) + "\n")
+        atomic_write_text(self._path(self.key(fingerprint, dtype, job)), json.dumps(entry) + "\n")
 
 
 @dataclass
@@ -159,7 +158,7 @@ def from_cache(cache: EvalCache, model: ModelUnderTest, jobs: list[EvalJob]) -> 
 
     found, missing = Measured(), []
     for job in jobs:
-        entry = cache.lookup(model.fingerprint, job)
+        entry = cache.lookup(model.fingerprint, model.dtype, job)
         if entry is None:
             missing.append(job)
             continue
@@ -186,7 +185,7 @@ def measure_cached(cache: EvalCache, model: ModelUnderTest, jobs: list[EvalJob],
                                      routing_generation={job.name: job.generation} if job.routing else None)
         figures = measured.languages[job.name]
         routing = measured.routing.get(job.name)
-        cache.store(model.fingerprint, job, figures.to_dict(), None if routing is None else routing.to_dict())
+        cache.store(model.fingerprint, model.dtype, job, figures.to_dict(), None if routing is None else routing.to_dict())
         result.evals[job.name] = figures
         if routing is not None:
             result.routing[job.name] = routing

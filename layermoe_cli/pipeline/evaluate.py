@@ -23,23 +23,29 @@ from layermoe_cli.pipeline.common import (
     latest_checkpoint,
     load_base,
     load_checkpoint,
+    dtype_name,
     resolve_device,
+    resolve_dtype,
     texts_for,
+    torch_dtype,
     token_progress,
     verify_checkpoint,
 )
+from layermoe_cli.lm_eval_bridge import parse_batch_size
 from layermoe_cli.pipeline.eval_cache import EvalCache, EvalJob, Measured, ModelUnderTest, from_cache, measure_cached
 from layermoe_cli.workdir import Workdir, run_step, session
 
 
 def run_eval(workdir: Workdir, *, langs, model="current", max_tokens=None, tasks=(), num_fewshot=None, limit=None,
-             device="auto", as_json=False, force=False, include_path=None, data=(), text_field="text") -> None:
+             device="auto", as_json=False, force=False, include_path=None, data=(), text_field="text", dtype="auto",
+             batch_size="1") -> None:
     with session(workdir):
         manifest = workdir.load()
         generation = manifest.current
         evaluate_generation(workdir, manifest, generation, langs=langs, model=model, max_tokens=max_tokens, tasks=tasks,
                             num_fewshot=num_fewshot, limit=limit, device=device, as_json=as_json, force=force,
-                            include_path=include_path, data=data, text_field=text_field)
+                            include_path=include_path, data=data, text_field=text_field, dtype=dtype,
+                            batch_size=batch_size)
 
 
 # ---------------------------------------------------------------------------- what to measure
@@ -89,12 +95,14 @@ def load_test_sets(workdir: Workdir, data: list[str], text_field: str = "text") 
     return test_sets
 
 
-def base_under_test(workdir: Workdir, manifest: Manifest) -> ModelUnderTest:
+def base_under_test(workdir: Workdir, manifest: Manifest, dtype: str = "float32") -> ModelUnderTest:
+    """The base model, loaded in `dtype` (a name: float32, bfloat16) when first needed."""
     return ModelUnderTest("base", base_source(workdir, manifest),
-                          lambda device: load_base(workdir, manifest, device=device), workdir.cache_dir / "models")
+                          lambda device: load_base(workdir, manifest, device=device, dtype=torch_dtype(dtype)),
+                          workdir.cache_dir / "models", dtype=dtype)
 
 
-def checkpoint_under_test(workdir: Workdir, manifest: Manifest, stored: str) -> ModelUnderTest:
+def checkpoint_under_test(workdir: Workdir, manifest: Manifest, stored: str, dtype: str = "float32") -> ModelUnderTest:
     """A model folder of the work dir, verified now against what its step recorded: a changed or
     truncated model is refused before anything is measured or read from the cache."""
     from layermoe_cli.models import ModelSource
@@ -102,21 +110,21 @@ def checkpoint_under_test(workdir: Workdir, manifest: Manifest, stored: str) -> 
     verify_checkpoint(workdir, manifest, stored)
     path = workdir.resolve(stored)
     return ModelUnderTest(stored, ModelSource("local", str(path), path=path),
-                          lambda device: load_checkpoint(path, device=device))
+                          lambda device: load_checkpoint(path, device=device, dtype=torch_dtype(dtype)), dtype=dtype)
 
 
-def _target(workdir: Workdir, manifest: Manifest, generation: Generation, model: str) -> ModelUnderTest:
+def _target(workdir: Workdir, manifest: Manifest, generation: Generation, model: str, dtype: str) -> ModelUnderTest:
     if model == "base":
-        return base_under_test(workdir, manifest)
+        return base_under_test(workdir, manifest, dtype)
     if model == "current":
         checkpoint = latest_checkpoint(generation)
         if checkpoint is None:
             raise LayermoeError(f"G{generation.index} has no expanded model yet: run `layermoe expand` first "
                                 "(or `eval --model base`)")
-        return checkpoint_under_test(workdir, manifest, checkpoint)
+        return checkpoint_under_test(workdir, manifest, checkpoint, dtype)
     if not Path(model).is_dir():
         raise LayermoeError(f"--model must be base, current, or a checkpoint folder; {model} is none of them")
-    return checkpoint_under_test(workdir, manifest, workdir.rel(model))
+    return checkpoint_under_test(workdir, manifest, workdir.rel(model), dtype)
 
 
 # ---------------------------------------------------------------------------- the step
@@ -124,7 +132,9 @@ def _target(workdir: Workdir, manifest: Manifest, generation: Generation, model:
 
 def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Generation, *, langs=(), model="current",
                         max_tokens=None, tasks=(), num_fewshot=None, limit=None, device="auto", as_json=False,
-                        force=False, include_path=None, data=(), text_field="text") -> None:
+                        force=False, include_path=None, data=(), text_field="text", dtype="auto", batch_size="1") -> None:
+    """dtype: the models' weights (auto: bfloat16 on CUDA, float32 on CPU); figures are cached per dtype.
+    batch_size: lm-eval's (an integer, `auto` or `auto:N`)."""
     known = manifest.generation_of_language()
     languages = list(langs) or [lang for lang in known if known[lang] <= generation.index]
     unknown = [lang for lang in languages if lang not in known]
@@ -132,9 +142,11 @@ def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
         raise LayermoeError(f"{', '.join(unknown)} is not a language of this work dir ({', '.join(known)})")
     if max_tokens is not None and max_tokens < 1:
         raise LayermoeError("--max-tokens must be positive")
-    target = _target(workdir, manifest, generation, model)
-    test_sets = load_test_sets(workdir, data, text_field)
+    lm_eval_batch_size = parse_batch_size(batch_size)
     device = resolve_device(device)
+    dtype = dtype_name(resolve_dtype(dtype, device))
+    target = _target(workdir, manifest, generation, model, dtype)
+    test_sets = load_test_sets(workdir, data, text_field)
     texts = held_out_texts(workdir, manifest, languages, max_tokens)
     cache = EvalCache(workdir.cache_dir / "eval")
 
@@ -144,13 +156,14 @@ def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
 
     base_record = manifest.generations[0].eval
     shared = dict(test_sets=test_sets, max_tokens=max_tokens, device=device, cache=cache, generation=generation)
-    asked = dict(force=force, tasks=tasks, num_fewshot=num_fewshot, limit=limit, include_path=include_path)
+    asked = dict(force=force, tasks=tasks, num_fewshot=num_fewshot, limit=limit, include_path=include_path,
+                 batch_size=lm_eval_batch_size)
     if target.label == "base":
         record = base_record
         changed = _measure_record(workdir, manifest, record, target, jobs(False), label="eval of the base model",
                                   merge=True, **shared, **asked)
     else:  # the base model's figures beside them: measured once, then from the cache
-        base = base_under_test(workdir, manifest)
+        base = base_under_test(workdir, manifest, dtype)
         changed = _measure_record(workdir, manifest, base_record, base, jobs(False), label="eval of the base model",
                                   merge=True, quiet=True, **shared)
         base.release()
@@ -170,7 +183,8 @@ def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
 
 def _measure_record(workdir: Workdir, manifest: Manifest, record: EvalRecord, model: ModelUnderTest, jobs: list[EvalJob], *,
                     test_sets: list[TestSet], max_tokens, device, cache: EvalCache, generation: Generation, label: str,
-                    merge=False, force=False, tasks=(), num_fewshot=None, limit=None, include_path=None, quiet=False) -> bool:
+                    merge=False, force=False, tasks=(), num_fewshot=None, limit=None, include_path=None, quiet=False,
+                    batch_size: int | str = 1) -> bool:
     """Fill `record` with `model`'s figures on `jobs`, from the cache where they were measured before; True if it changed.
 
     Nothing is written when the record would not change (the same model, texts and settings
@@ -181,8 +195,10 @@ def _measure_record(workdir: Workdir, manifest: Manifest, record: EvalRecord, mo
     from layermoe_cli.evaluation import summarise_routing
 
     same_model = record.status == StepStatus.done and record.config.get("model_sha256") == model.fingerprint
-    same_cap = same_model and record.config.get("max_tokens") == max_tokens  # read now: run_step replaces the config
-    config = dict(model=model.label, model_sha256=model.fingerprint, max_tokens=max_tokens)
+    # read now: run_step replaces the config (records from before --dtype were float32)
+    same_cap = (same_model and record.config.get("max_tokens") == max_tokens
+                and record.config.get("dtype", "float32") == model.dtype)
+    config = dict(model=model.label, model_sha256=model.fingerprint, max_tokens=max_tokens, dtype=model.dtype)
     benchmark_keys = ("tasks", "num_fewshot", "limit")
     if tasks:
         config.update(tasks=list(tasks), num_fewshot=num_fewshot, limit=limit)
@@ -208,7 +224,7 @@ def _measure_record(workdir: Workdir, manifest: Manifest, record: EvalRecord, mo
 
             loaded, tokenizer = model.load(device)
             rec.lm_eval = run_lm_eval(loaded, tokenizer, list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                      include_path=include_path)
+                                      include_path=include_path, batch_size=batch_size)
         elif not same_model:
             rec.lm_eval = None
         rec.model, rec.config = model.label, config

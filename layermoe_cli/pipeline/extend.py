@@ -136,14 +136,16 @@ def measure_drift(workdir: Workdir, manifest: Manifest, generation: Generation, 
 
     Both go through the eval cache: "before" is the previous generation's model, which its own
     eval has usually measured on the same held-out texts already. `max_tokens` None takes the
-    cap of that eval (so the figures are shared), else DEFAULT_DRIFT_TOKENS.
+    cap of that eval (so the figures are shared), else DEFAULT_DRIFT_TOKENS. Both models are
+    loaded in that eval's dtype, else in float32 (the drift is a small difference).
     """
     from layermoe_cli.pipeline.eval_cache import EvalCache, EvalJob, measure_cached
     from layermoe_cli.pipeline.evaluate import checkpoint_under_test
 
     previous = manifest.generations[generation.index - 1]
+    evaluated = previous.eval.status == StepStatus.done and previous.eval.model == latest_checkpoint(previous)
+    dtype = previous.eval.config.get("dtype", "float32") if evaluated else "float32"
     if max_tokens is None:
-        evaluated = previous.eval.status == StepStatus.done and previous.eval.model == latest_checkpoint(previous)
         max_tokens = previous.eval.config.get("max_tokens") if evaluated else DEFAULT_DRIFT_TOKENS
     texts = {lang: texts_for(workdir, generation, lang, "heldout", limit=documents_for_tokens(max_tokens))
              for lang in generation.old_languages}
@@ -151,7 +153,7 @@ def measure_drift(workdir: Workdir, manifest: Manifest, generation: Generation, 
     cache = EvalCache(workdir.cache_dir / "eval")
     figures = {}
     for label, checkpoint in (("before", latest_checkpoint(previous)), ("after", generation.expansion.checkpoint)):
-        model = checkpoint_under_test(workdir, manifest, checkpoint)
+        model = checkpoint_under_test(workdir, manifest, checkpoint, dtype)
         with token_progress(f"bpb {label} extension") as update:
             measured = measure_cached(cache, model, jobs, device=device, progress=update)
         if not measured.measured:
@@ -162,7 +164,7 @@ def measure_drift(workdir: Workdir, manifest: Manifest, generation: Generation, 
     drift = {lang: figures["after"][lang] - figures["before"][lang] for lang in texts}
     generation.expansion.metrics.update(bpb_before_extension=figures["before"], bpb_after_extension=figures["after"],
                                         bpb_drift=drift, bpb_drift_max=max(abs(d) for d in drift.values()),
-                                        drift_tokens=max_tokens)
+                                        drift_tokens=max_tokens, drift_dtype=dtype)
     table = Table(title=f"earlier languages right after opening G{generation.index} (bits per byte)", title_justify="left")
     for column in ("language", "before", "after", "Δ"):
         table.add_column(column, justify="left" if column == "language" else "right")
