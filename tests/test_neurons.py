@@ -52,15 +52,10 @@ def _load(path):
 
 
 def _corpus(n=30):
-    from layermoe_cli.data import builtin_corpus_path
+    """The first n builtin sentences of en, el and tr."""
+    from layermoe_cli.data import load_texts
 
-    out: dict[str, list[str]] = {}
-    with open(builtin_corpus_path(), encoding="utf-8") as f:
-        for line in f:
-            lang, _, text = line.rstrip("\n").partition("\t")
-            if lang in ("en", "el", "tr") and len(out.setdefault(lang, [])) < n:
-                out[lang].append(text)
-    return out
+    return {lang: load_texts(lang, "builtin", limit=n) for lang in ("en", "el", "tr")}
 
 
 def test_profile_pass_neuron_counts_equal_a_document_by_document_run(tmp_path):
