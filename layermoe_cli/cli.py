@@ -12,7 +12,7 @@ from rich.markup import escape
 from layermoe_cli import __version__
 from layermoe_cli.console import console, err_console
 from layermoe_cli.errors import LayermoeError
-from layermoe_cli.workdir import StepAlreadyDone, Workdir
+from layermoe_cli.workdir import StepAlreadyDone, Workdir, disk_full_message
 
 app = typer.Typer(
     name="layermoe",
@@ -81,6 +81,13 @@ def _call(step: Callable, *args, **kwargs):
     except StepAlreadyDone as e:
         console.print(f"[green]✓[/] {escape(str(e))}", soft_wrap=True, highlight=False, emoji=False)
         raise typer.Exit(0)
+    except (OSError, RuntimeError) as e:  # a full disk is the user's to fix; anything else is a bug: a traceback
+        workdir = next((a for a in args if isinstance(a, Workdir)), None)
+        message = disk_full_message(workdir.root, e) if workdir is not None else None
+        if message is None:
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False, emoji=False)
+        raise typer.Exit(2)
 
 
 def _split(value: Optional[str]) -> list[str]:

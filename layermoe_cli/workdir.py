@@ -80,6 +80,28 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# Below this much free space, a failed write is taken for a full disk: torch.save and safetensors
+# report one as a RuntimeError ("unexpected pos ...") or an IOError without errno.
+NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def disk_full_message(root: Path, error: BaseException) -> str | None:
+    """One line for an error that a full disk under `root` caused, or None for any other error."""
+    from layermoe_cli.progress import human_bytes
+
+    probe = next((p for p in (Path(root), *Path(root).parents) if p.exists()), Path("/"))
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return None
+    no_space = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not no_space and free >= NEARLY_FULL_BYTES:
+        return None
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return (f"the disk holding {root} is full ({human_bytes(free)} free; {reason}): free some space, then run the "
+            "command again (training resumes from its last complete checkpoint)")
+
+
 class Workdir:
     def __init__(self, root: str | Path):
         self.root = Path(root).absolute()

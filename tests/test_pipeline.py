@@ -255,6 +255,50 @@ def test_train_before_expand_names_the_command(tmp_path, expanded):
     assert_one_line_error(result, "stage 1 of G1 is not done yet (pending): run `layermoe train --stage 1` first")
 
 
+@pytest.mark.parametrize("failure, free", [
+    # what torch.save raised when the disk filled up under a real `compare` run
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1182434752 vs 1182434640"), 2_000_000),
+    (OSError(28, "No space left on device"), 50_000_000_000),  # ENOSPC says it whatever the free space (a quota)
+])
+def test_a_full_disk_while_training_is_one_line_and_training_resumes(tmp_path, expanded, monkeypatch, failure, free):
+    import collections
+
+    workdir = tmp_path / "run"
+    shutil.copytree(expanded, workdir)
+    real_save, real_usage = torch.save, shutil.disk_usage
+
+    def full(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: collections.namedtuple("usage", "total used free")(10**12, 10**12 - free, free))
+    train = ["train", "--stage", "1", "--max-steps", "2", "--seq-len", "32", "--micro-batch", "2", "--checkpoint-every", "1"]
+    result = layermoe(workdir, *train)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    shown = "2.0 MB" if free == 2_000_000 else "50.0 GB"
+    assert last == (f"error: the disk holding {workdir} is full ({shown} free; {str(failure).splitlines()[0]}): "
+                    "free some space, then run the command again (training resumes from its last complete checkpoint)")
+    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+    result = layermoe(workdir, *train)
+    assert result.exit_code == 0, result.output
+    assert manifest_of(workdir).generations[1].stage1.status == StepStatus.done
+
+
+def test_an_error_with_room_on_the_disk_is_not_called_a_full_disk(tmp_path, expanded, monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(expanded, workdir)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("some bug")
+
+    monkeypatch.setattr(torch, "save", broken)
+    result = layermoe(workdir, "train", "--stage", "1", "--max-steps", "2", "--seq-len", "32", "--micro-batch", "2",
+                      "--checkpoint-every", "1")
+    assert isinstance(result.exception, RuntimeError) and str(result.exception) == "some bug"  # a bug stays a traceback
+
+
 def test_expand_before_allocate_and_a_layer_count_mismatch(tmp_path, expanded):
     workdir = tmp_path / "run"
     shutil.copytree(expanded, workdir)

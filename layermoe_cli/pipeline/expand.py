@@ -12,6 +12,7 @@ from layermoe_cli.console import console, err_console
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import Generation, Manifest, StepStatus
 from layermoe_cli.pipeline.common import load_generation_model, record_checkpoint, resolve_device, texts_for
+from layermoe_cli.progress import human_bytes
 from layermoe_cli.workdir import Workdir, fsync_path, run_step, session
 
 # Logits of the expanded model must equal the base model's this closely (fp32). Copies of
@@ -107,14 +108,6 @@ def available_memory(device: str) -> int:
     import psutil  # a dependency of accelerate
 
     return int(psutil.virtual_memory().available)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
 
 
 def _check_room(manifest: Manifest, generation: Generation, device: str, out: Path) -> None:
