@@ -203,6 +203,16 @@ def test_make_accelerator_sets_the_process_group_timeout_and_trackers(monkeypatc
     assert seen["log_with"] == ["tensorboard", "wandb", "mlflow"]
 
 
+def test_stages_of_different_precisions_in_one_process():
+    """`layermoe run`, `compare` and a notebook train several stages in one process; each gets what it asks for
+    (accelerate keeps its state in a process-wide singleton that refuses a second precision)."""
+    first = distributed.make_accelerator(TrainConfig(stage=1, precision="bf16", grad_accum_steps=2, report_to="none"))
+    assert (first.mixed_precision, first.gradient_accumulation_steps) == ("bf16", 2)
+    second = distributed.make_accelerator(TrainConfig(stage=2, precision="fp32", grad_accum_steps=1, report_to="none"))
+    assert (second.mixed_precision, second.gradient_accumulation_steps) == ("no", 1)
+    assert second.num_processes == 1 and second.distributed_type.value == "NO"
+
+
 # ---------------------------------------------------------------- frozen checks across dtypes
 
 

@@ -102,6 +102,13 @@ def make_accelerator(config, run_dir=None):
         InitProcessGroupKwargs(timeout=timedelta(minutes=config.process_group_timeout_minutes)),
     ]
     trackers = resolve_trackers(config.report_to)
+    # accelerate keeps one AcceleratorState per process and refuses another precision in it; a
+    # recipe or `compare` trains several stages in one process. The process group (PartialState)
+    # is kept; transformers' Trainer resets the same state between hyperparameter-search trials.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=mixed,
         gradient_accumulation_steps=config.grad_accum_steps,
