@@ -251,12 +251,13 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest token set with this much probability."),
     seed: int = typer.Option(0, help="Seed of the sampling."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", help="The models' weights: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16."),
 ) -> None:
     """Continue a prompt with a model of the lineage (KV cache, streamed). Read-only: runs even while training."""
     from layermoe_cli.pipeline.generate import run_generate
 
     _call(run_generate, ctx.obj, prompt=prompt, model=model, compare=compare, max_new_tokens=max_new_tokens,
-          temperature=temperature, top_p=top_p, seed=seed, device=device)
+          temperature=temperature, top_p=top_p, seed=seed, device=device, dtype=dtype)
 
 
 @app.command(epilog="Example: layermoe extend --new bn,hi,ne --budget 72")

@@ -674,9 +674,26 @@ def test_generate_streams_greedy_text_and_compares_with_base_while_the_lock_is_h
     assert snapshot(expanded) == before
 
 
+def test_generate_in_bf16_equals_the_bf16_model_directly(expanded, monkeypatch):
+    """`--dtype auto` is bf16 on CUDA; asked for on the CPU, the model is loaded in bf16 and the text is its."""
+    from layermoe_cli.generation import continue_text
+    from layermoe_cli.pipeline import evaluate
+    from layermoe_cli.pipeline.common import load_checkpoint
+
+    model, tok = load_checkpoint(expanded / "g1" / "expanded", dtype=torch.bfloat16)
+    expected = continue_text(model, tok, "Καλημέρα", max_new_tokens=6).text
+    loaded = []
+    monkeypatch.setattr(evaluate, "load_checkpoint", lambda path, **kw: loaded.append(kw["dtype"]) or load_checkpoint(path, **kw))
+    result = layermoe(expanded, "generate", "-p", "Καλημέρα", "--model", "g1", "--max-new-tokens", "6", "--dtype", "bf16")
+    assert result.exit_code == 0, result.output
+    assert loaded == [torch.bfloat16] and "KV cache, bfloat16 weights" in result.stderr
+    assert result.stdout == f"Καλημέρα{expected}\n"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--dtype", "int8"], "error: unknown dtype 'int8': use auto, float32 or bfloat16"),
         (["--model", "g7"], "error: --model g7: this work dir has no G7 (it has G0 to G1)"),
         (["--model", "nowhere"], "error: --model nowhere: not base, current, gN (g0 = base) or a model folder / .gguf file"),
         (["--max-new-tokens", "0"], "error: --max-new-tokens must be at least 1, got 0"),

@@ -20,7 +20,7 @@ from rich.text import Text
 from layermoe_cli.console import console, err_console
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.manifest import Manifest
-from layermoe_cli.pipeline.common import latest_checkpoint, resolve_device
+from layermoe_cli.pipeline.common import dtype_name, latest_checkpoint, resolve_device, resolve_dtype, torch_dtype
 from layermoe_cli.pipeline.eval_cache import ModelUnderTest
 from layermoe_cli.pipeline.evaluate import base_under_test, checkpoint_under_test
 from layermoe_cli.workdir import Workdir
@@ -37,14 +37,14 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> Non
         raise LayermoeError(f"--top-p must be in (0, 1], got {top_p}")
 
 
-def model_choice(workdir: Workdir, manifest: Manifest | None, choice: str) -> ModelUnderTest:
-    """base | current | gN | PATH -> the model it names (nothing is loaded yet)."""
+def model_choice(workdir: Workdir, manifest: Manifest | None, choice: str, dtype: str = "float32") -> ModelUnderTest:
+    """base | current | gN | PATH -> the model it names, to be loaded in `dtype` (nothing is loaded yet)."""
     numbered = re.fullmatch(r"[gG](\d+)", choice)
     if choice in ("base", "current") or numbered:
         if manifest is None:
             manifest = workdir.load()
         if choice == "base" or (numbered and int(numbered.group(1)) == 0):
-            model = base_under_test(workdir, manifest)
+            model = base_under_test(workdir, manifest, dtype)
             model.label = "base"
             return model
         generation = manifest.current if choice == "current" else None
@@ -58,7 +58,7 @@ def model_choice(workdir: Workdir, manifest: Manifest | None, choice: str) -> Mo
         if checkpoint is None:
             raise LayermoeError(f"--model {choice}: G{generation.index} has no model yet: run `layermoe expand` "
                                 "(and train) first, or use --model base")
-        model = checkpoint_under_test(workdir, manifest, checkpoint)
+        model = checkpoint_under_test(workdir, manifest, checkpoint, dtype)
         model.label = f"G{generation.index} ({checkpoint})"
         return model
     path = Path(choice)
@@ -66,22 +66,24 @@ def model_choice(workdir: Workdir, manifest: Manifest | None, choice: str) -> Mo
         from layermoe_cli.models import load_model, resolve_model_spec
 
         source = resolve_model_spec(choice)
-        return ModelUnderTest(choice, source,
-                              lambda device: load_model(source, device=device, cache_dir=workdir.cache_dir / "models"))
+        return ModelUnderTest(choice, source, lambda device: load_model(source, device=device, dtype=torch_dtype(dtype),
+                                                                        cache_dir=workdir.cache_dir / "models"), dtype=dtype)
     raise LayermoeError(f"--model {choice}: not {MODEL_CHOICES}")
 
 
 def run_generate(workdir: Workdir, *, prompt: str, model: str = "current", compare: str | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 device: str = "auto") -> None:
+                 device: str = "auto", dtype: str = "auto") -> None:
+    """dtype: the models' weights (auto: bfloat16 on CUDA, float32 on CPU)."""
     if not prompt.strip():
         raise LayermoeError("--prompt is empty: give the text to continue")
     check_sampling(max_new_tokens, temperature, top_p)
-    manifest = workdir.load() if workdir.has_manifest() else None
-    models = ([model_choice(workdir, manifest, compare)] if compare else []) + [model_choice(workdir, manifest, model)]
     device = resolve_device(device)
+    dtype = dtype_name(resolve_dtype(dtype, device))
+    manifest = workdir.load() if workdir.has_manifest() else None
+    models = ([model_choice(workdir, manifest, compare, dtype)] if compare else []) + [model_choice(workdir, manifest, model, dtype)]
     how = "greedy" if temperature == 0 else f"sampled (temperature {temperature}, top-p {top_p}, seed {seed})"
-    err_console.print(f"[dim]{how}, up to {max_new_tokens} new tokens, KV cache[/]", highlight=False)
+    err_console.print(f"[dim]{how}, up to {max_new_tokens} new tokens, KV cache, {dtype} weights[/]", highlight=False)
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if compare:
         side_by_side(models, [(None, prompt)], device, **sampling)
