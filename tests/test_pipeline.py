@@ -674,6 +674,18 @@ def test_generate_streams_greedy_text_and_compares_with_base_while_the_lock_is_h
     assert snapshot(expanded) == before
 
 
+def test_generate_shows_a_model_path_as_given(expanded, tiny, tmp_path, monkeypatch):
+    """A model folder named like Rich markup is named as it is, not styled away."""
+    shutil.copytree(tiny, tmp_path / "tiny[red]")
+    monkeypatch.chdir(tmp_path)  # a short relative path: a column header that fits on one line
+    alone = layermoe(expanded, "generate", "-p", "Hello", "--model", "tiny[red]", "--max-new-tokens", "2")
+    assert alone.exit_code == 0, alone.output
+    assert "tiny[red]:" in alone.stderr
+    both = layermoe(expanded, "generate", "-p", "Hello", "--model", "tiny[red]", "--compare", "base", "--max-new-tokens", "2")
+    assert both.exit_code == 0, both.output
+    assert "tiny[red]" in both.stdout
+
+
 def test_generate_in_bf16_equals_the_bf16_model_directly(expanded, monkeypatch):
     """`--dtype auto` is bf16 on CUDA; asked for on the CPU, the model is loaded in bf16 and the text is its."""
     from layermoe_cli.generation import continue_text

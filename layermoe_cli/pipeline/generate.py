@@ -90,7 +90,7 @@ def run_generate(workdir: Workdir, *, prompt: str, model: str = "current", compa
         return
     target = models[0]
     loaded, tokenizer = target.load(device)
-    err_console.print(f"[dim]{target.label}:[/]", highlight=False)
+    err_console.print(Text(f"{target.label}:", style="dim"), highlight=False)
     from layermoe_cli.generation import continue_text
 
     console.print(Text(prompt, style="bold"), end="")
@@ -120,7 +120,7 @@ def side_by_side(models: list[ModelUnderTest], prompts: list[tuple[str | None, s
             table.add_column("", no_wrap=True)
         table.add_column("prompt", style="bold", ratio=1)
         for model in models:
-            table.add_column(model.label, ratio=2)
+            table.add_column(Text(model.label), ratio=2)  # a path, not markup
         for row, (label, prompt) in enumerate(prompts):
             table.add_row(*([label or ""] if labelled else []), Text(prompt),
                           *[Text(cells[row, col]) for col in range(len(models))])
