@@ -59,14 +59,11 @@ def _quiet_libraries() -> None:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        # The GGUF conversion uses tqdm directly, not transformers' switch: silence that bar only.
-        import functools
+    except ImportError:
+        return
+    from layermoe_cli.compat import silence_gguf_progress
 
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-
-        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
-    except (ImportError, AttributeError):
-        pass
+    silence_gguf_progress()  # the GGUF conversion's own bar
 
 
 def _call(step: Callable, *args, **kwargs):

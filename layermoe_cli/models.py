@@ -17,9 +17,7 @@ import os
 import re
 import shutil
 import struct
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from layermoe_cli.errors import LayermoeError
@@ -261,6 +259,8 @@ def _load_pretrained(where: str | Path, model_type: str, dtype, **kwargs):
     """(model, tokenizer) from a checkpoint directory or hub id whose config was already checked."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from layermoe_cli.compat import model_loading_options
+
     if model_type == EXPANDED_MODEL_TYPE:
         from layermoe_cli.modeling import register_auto_classes
 
@@ -268,7 +268,7 @@ def _load_pretrained(where: str | Path, model_type: str, dtype, **kwargs):
     if Path(where).is_dir():
         check_readable_weights(where)
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **model_loading_options(), **kwargs)
     return model, tokenizer
 
 
@@ -282,43 +282,19 @@ def gguf_checkpoint_dir(source: ModelSource, cache_dir=None) -> Path:
     return _gguf_cache_root(cache_dir) / file_sha256(source.gguf_path)
 
 
-@contextmanager
-def _shared_gguf_parsing():
-    """Parse the GGUF once instead of once per transformers call (config, tokenizer, weights).
-
-    transformers builds a fresh GGUFReader (seconds: it walks the 49k-entry vocabulary in
-    Python) and a fresh tensor-name map per layer for each call; both are read-only, so
-    sharing them cuts the CPU time of a conversion by more than half.
-    """
-    import gguf
-
-    original_reader, original_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    readers: dict[tuple[str, str], object] = {}
-
-    def shared_reader(path, mode="r"):
-        key = (str(path), mode)
-        if key not in readers:
-            readers[key] = original_reader(path, mode)
-        return readers[key]
-
-    gguf.GGUFReader = shared_reader
-    gguf.get_tensor_name_map = lru_cache(maxsize=None)(original_name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_name_map
-
-
 def _convert_gguf(source: ModelSource, target: Path) -> None:
     """Dequantise a GGUF into a float32 safetensors checkpoint + tokenizer at `target` (atomically)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from layermoe_cli.compat import model_loading_options, shared_gguf_parsing
+
     architecture = gguf_architecture(source.gguf_path)
     check_supported({"model_type": architecture})  # before reading any tensor
-    with _shared_gguf_parsing():
+    with shared_gguf_parsing():
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32,
+                                                     **model_loading_options())
     check_supported(model.config)  # transformers may map a GGUF architecture onto another model type
     # The weights are plain float tensors now; only the quantizer marker forbids saving them.
     model.hf_quantizer = None

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from layermoe_cli.compat import CACHE_FIELD, output_cache
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.modeling import (
     LayermoeForCausalLM,
@@ -274,11 +275,11 @@ def test_sequence_classifier_cached_decoding_equals_the_full_forward(tiny_dirs):
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         out = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
+        steps, cache = [out.logits], output_cache(out)
         for t in range(5, 16):
-            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **{CACHE_FIELD: cache}, use_cache=True)
             steps.append(out.logits)
-            cache = out.past_key_values
+            cache = output_cache(out)
     cached = torch.cat(steps, 1)
     keep = mask.bool()
     assert (cached - full)[keep].abs().max().item() <= 1e-4
@@ -319,7 +320,7 @@ def test_forward_passes_use_cache_and_logits_to_keep_through(tiny_dirs):
     with torch.no_grad():
         out = model(ids, **_forward_kwargs(model))
         full = model(ids)
-    assert out.logits.shape == (2, 1, full.logits.shape[-1]) and out.past_key_values is None
+    assert out.logits.shape == (2, 1, full.logits.shape[-1]) and output_cache(out) is None
     assert torch.allclose(out.logits[:, 0], full.logits[:, -1], atol=1e-6)
 
 

@@ -4,23 +4,29 @@ The base family's CausalLM is built as is; only the `mlp` of the layers that rec
 experts is swapped for a `LayermoeMoeBlock`. Attention, norms, embeddings, rotary and the
 KV cache stay the family's own code, so an upcycled model computes what the base computed.
 
-Self-contained on purpose (imports only torch, transformers and the sibling config file):
-this file is copied into every checkpoint so it loads with `trust_remote_code=True`.
+Self-contained on purpose (imports only torch, transformers and the sibling config and compat
+files): the three are copied into every checkpoint so it loads with `trust_remote_code=True`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.utils import ModelOutput
 
+from .compat import (
+    CausalLMOutputBase,
+    cache_keyword,
+    output_cache,
+    pop_cache_argument,
+    requested_attn_implementation,
+    take_experts_implementation,
+)
+from .compat import grouped_mm as _grouped_mm
 from .configuration_layermoe import MOE_KERNELS, TRANSFORMERS_EXPERTS_TO_MOE_KERNEL, LayermoeConfig
-
-_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -376,20 +382,20 @@ class LayermoeMoeBlock(nn.Module):
 # Model
 # ----------------------------------------------------------------------------------------
 @dataclass
-class LayermoeCausalLMOutput(ModelOutput):
-    """CausalLM output plus, on request, per-MoE-layer router and classifier logits.
+class LayermoeCausalLMOutput(CausalLMOutputBase):
+    """The family's CausalLM output (loss, logits, the KV cache, hidden states, attentions) plus, on
+    request, per-MoE-layer router and classifier logits. The cache field is transformers' own
+    (`past_key_values` up to 5.23, `cache` from 5.24 on): read it with `compat.output_cache`.
 
     router_logits[i]: [T, E_i] fp32 pre-softmax; classifier_logits[i]: [T, C];
     T = batch * seq in row-major order of input_ids, padding included.
     """
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
     router_logits: dict | None = None
     classifier_logits: dict | None = None
+
+
+_OUTPUT_FIELDS = {f.name for f in fields(CausalLMOutputBase)}
 
 
 def decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:
@@ -403,10 +409,11 @@ def decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:
 def _build_base_lm(config: LayermoeConfig) -> PreTrainedModel:
     """The base family's CausalLM, in the current default dtype, with the requested attention if it has it."""
     kwargs = {"dtype": torch.get_default_dtype()}
-    if config._attn_implementation is not None:
+    attn_implementation = requested_attn_implementation(config)
+    if attn_implementation is not None:
         try:
             return AutoModelForCausalLM.from_config(
-                config.base_pretrained_config(), attn_implementation=config._attn_implementation, **kwargs
+                config.base_pretrained_config(), attn_implementation=attn_implementation, **kwargs
             )
         except (ValueError, ImportError):
             pass  # e.g. sdpa asked for at the top level but the family lacks it: let the family choose
@@ -435,10 +442,9 @@ class LayermoeForCausalLM(LayermoePreTrainedModel, GenerationMixin):
     def __init__(self, config: LayermoeConfig, lm: PreTrainedModel | None = None):
         # `from_pretrained(..., experts_implementation=X)` (transformers' option) picks our kernel;
         # read it before PreTrainedModel.__init__ fills in transformers' own default.
-        requested = getattr(config, "_experts_implementation", None)
-        if requested in TRANSFORMERS_EXPERTS_TO_MOE_KERNEL:
-            config.moe_kernel = TRANSFORMERS_EXPERTS_TO_MOE_KERNEL[requested]
-            config._experts_implementation = None  # taken: transformers' own check would refuse it
+        kernel = take_experts_implementation(config, TRANSFORMERS_EXPERTS_TO_MOE_KERNEL)
+        if kernel is not None:
+            config.moe_kernel = kernel
         super().__init__(config)
         if lm is None:
             lm = _build_base_lm(config)
@@ -545,6 +551,7 @@ class LayermoeForCausalLM(LayermoePreTrainedModel, GenerationMixin):
         # use_cache and logits_to_keep are named (not left in **kwargs) so that callers that look at
         # the signature, e.g. the profile, can ask for no KV cache and the logits of one position.
         kwargs.pop("return_dict", None)
+        past_key_values = pop_cache_argument(kwargs, past_key_values)  # generate passes `cache` from 5.24 on
         blocks = self.moe_blocks()
         for block in blocks.values():
             block.attention_mask = attention_mask
@@ -555,16 +562,17 @@ class LayermoeForCausalLM(LayermoePreTrainedModel, GenerationMixin):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 labels=labels,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 logits_to_keep=logits_to_keep,
                 return_dict=True,
+                **{cache_keyword(self.lm): past_key_values},
                 **kwargs,
             )
-            if pooling and out.past_key_values is not None:
+            cache = output_cache(out)
+            if pooling and cache is not None:
                 last_ends = (self._document_ends(input_ids[:, -1]) if input_ids is not None
                              else torch.zeros(out.logits.shape[0], dtype=torch.bool, device=out.logits.device))
-                out.past_key_values.layermoe_pool = _PoolState(last_ends, {i: b.pool_out for i, b in pooling.items()})
+                cache.layermoe_pool = _PoolState(last_ends, {i: b.pool_out for i, b in pooling.items()})
             router_logits = classifier_logits = None
             if output_router_logits:
                 router_logits = {i: b.last_router_logits for i, b in blocks.items()}
@@ -575,15 +583,9 @@ class LayermoeForCausalLM(LayermoePreTrainedModel, GenerationMixin):
                 block.record_logits = False
                 block.last_router_logits = block.last_classifier_logits = None
                 block.document_starts = block.pool_carry = block.pool_out = None
-        return LayermoeCausalLMOutput(
-            loss=out.loss,
-            logits=out.logits,
-            past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-            router_logits=router_logits,
-            classifier_logits=classifier_logits,
-        )
+        # The family's output fields as this transformers version names them, plus ours.
+        fields = {k: v for k, v in out.items() if k in _OUTPUT_FIELDS}
+        return LayermoeCausalLMOutput(**fields, router_logits=router_logits, classifier_logits=classifier_logits)
 
 
 # ----------------------------------------------------------------------------------------

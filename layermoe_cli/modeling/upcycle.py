@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from layermoe_cli.compat import model_loading_options
 from layermoe_cli.errors import LayermoeError
 from layermoe_cli.modeling.configuration_layermoe import LayermoeConfig
 from layermoe_cli.modeling.modeling_layermoe import (
@@ -24,7 +25,13 @@ from layermoe_cli.modeling.modeling_layermoe import (
 )
 
 ROUTER_INITS = ("expert0", "source", "mean", "zeros", "normal")
-_SELF_CONTAINED_FILES = ("configuration_layermoe.py", "modeling_layermoe.py")
+# The files a checkpoint carries so that it loads with trust_remote_code=True without layermoe:
+# name in the checkpoint -> source file in this package.
+_SELF_CONTAINED_FILES = {
+    "configuration_layermoe.py": Path(__file__).parent / "configuration_layermoe.py",
+    "modeling_layermoe.py": Path(__file__).parent / "modeling_layermoe.py",
+    "compat.py": Path(__file__).parent.parent / "compat.py",  # the one module of library shims
+}
 _SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
 
 
@@ -249,7 +256,7 @@ def _copy_source(group: LayermoeExpertGroup, block: LayermoeMoeBlock | None, exp
 
 
 def save_layermoe(model: LayermoeForCausalLM, out_dir, tokenizer=None) -> Path:
-    """save_pretrained (safetensors + config.json) + the two self-contained files + auto_map.
+    """save_pretrained (safetensors + config.json) + the self-contained model files + auto_map.
 
     The directory then loads in a fresh process with
     `AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)`.
@@ -262,9 +269,8 @@ def save_layermoe(model: LayermoeForCausalLM, out_dir, tokenizer=None) -> Path:
     }
     model.config.architectures = ["LayermoeForCausalLM"]
     model.save_pretrained(out_dir, safe_serialization=True)
-    here = Path(__file__).parent
-    for name in _SELF_CONTAINED_FILES:
-        shutil.copyfile(here / name, out_dir / name)
+    for name, source in _SELF_CONTAINED_FILES.items():
+        shutil.copyfile(source, out_dir / name)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -282,7 +288,7 @@ def load_layermoe(directory, device=None, dtype=None) -> LayermoeForCausalLM:
     from layermoe_cli.models import check_readable_weights
 
     check_readable_weights(directory)  # a truncated file: one line, not the loader's traceback
-    kwargs = {}
+    kwargs = model_loading_options()
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = LayermoeForCausalLM.from_pretrained(directory, **kwargs)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from layermoe_cli.compat import mark_fsdp_on_cpu, reset_accelerate_state
 from layermoe_cli.errors import LayermoeError
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -102,13 +103,8 @@ def make_accelerator(config, run_dir=None):
         InitProcessGroupKwargs(timeout=timedelta(minutes=config.process_group_timeout_minutes)),
     ]
     trackers = resolve_trackers(config.report_to)
-    # accelerate keeps one AcceleratorState per process and refuses another precision in it; a
-    # recipe or `compare` trains several stages in one process. The process group (PartialState)
-    # is kept; transformers' Trainer resets the same state between hyperparameter-search trials.
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
+    # A recipe or `compare` trains several stages, of different precision, in one process.
+    reset_accelerate_state()
     accelerator = Accelerator(
         mixed_precision=mixed,
         gradient_accumulation_steps=config.grad_accum_steps,
@@ -131,17 +127,12 @@ def make_accelerator(config, run_dir=None):
 
 def _fsdp_on_cpu(accelerator) -> None:
     """Apply the launch's FSDP config to a CPU run (accelerate itself runs CPU processes as DDP only)."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin()  # reads FSDP_* from the launch's environment
     if plugin.fsdp_version != 2:
         raise LayermoeError("FSDP on the CPU needs fsdp_version: 2 in the accelerate config (FSDP1 needs GPUs)")
-    # As AcceleratorState does for FSDP on GPUs: both shared states say FSDP (a later
-    # AcceleratorState() copies PartialState's type back over its own).
-    accelerator.state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = plugin
+    mark_fsdp_on_cpu(accelerator, plugin)
 
 
 def _fp32_weights_under_fsdp2(plugin) -> None:

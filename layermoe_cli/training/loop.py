@@ -72,7 +72,9 @@ def is_layermoe_checkpoint(model_dir: Path) -> bool:
 def _load_dense(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir)
+    from layermoe_cli.compat import model_loading_options
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, **model_loading_options())
 
 
 def trainable_groups(stage: int, current_generation: int) -> list[str]:
