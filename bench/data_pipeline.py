@@ -38,7 +38,7 @@ def parse_size(text: str) -> int:
 def make_corpus(path: Path, size: int, seed: int = 0) -> None:
     import numpy as np
 
-    from layermoe_cli.data import builtin_corpus_path
+    from layermoe.data import builtin_corpus_path
 
     if path.is_file() and path.stat().st_size >= size:
         return
@@ -64,13 +64,13 @@ def bench_tokenizer(data_dir: Path, which: str) -> Path:
     target = data_dir / f"tokenizer-{which}"
     if not (target / "tokenizer_config.json").is_file():
         if which == "tiny":
-            from layermoe_cli.testing import make_tiny_tokenizer
+            from layermoe.testing import make_tiny_tokenizer
 
             tok = make_tiny_tokenizer()
         else:
             from transformers import AutoTokenizer
 
-            from layermoe_cli.models import demo_model_path
+            from layermoe.modeling.base import demo_model_path
 
             gguf = demo_model_path()
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -86,8 +86,8 @@ def tiny_model(data_dir: Path, tokenizer_dir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from layermoe_cli.modeling import save_layermoe, upcycle
-    from layermoe_cli.testing import make_tiny_config
+    from layermoe.modeling import save_layermoe, upcycle
+    from layermoe.testing import make_tiny_config
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
@@ -172,7 +172,7 @@ def resident_bytes(path: Path) -> int | None:
 def job_prepare(a: dict) -> dict:
     from transformers import AutoTokenizer
 
-    from layermoe_cli.data import Selection, Source, prepare
+    from layermoe.data import Selection, Source, prepare
 
     tok = AutoTokenizer.from_pretrained(a["tokenizer"])
     selection = Selection(stage=1, tokens_per_language=a.get("budget"))
@@ -201,9 +201,8 @@ def job_first_step(a: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from layermoe_cli.training import TrainConfig, train_stage
-
-    from layermoe_cli.data import PackedData, block_indices, open_prepared
+    from layermoe.data import PackedData, block_indices, open_prepared
+    from layermoe.training import TrainConfig, train_stage
 
     called = time.time()
     data = PackedData(open_prepared(a["prepared"]), 1024, 0)  # what train_stage does with the data, alone
@@ -269,7 +268,7 @@ def main() -> None:
         print(json.dumps(JOBS[ns.job[0]](json.loads(ns.job[1]))))
         return
 
-    from layermoe_cli.data import usable_cores
+    from layermoe.data import usable_cores
 
     num_proc = ns.num_proc or usable_cores()
     ns.data_dir.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ SMALL = dict(name="small", hidden_size=64, intermediate_size=128, num_hidden_lay
 def build(shape: dict, device: str, dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from layermoe_cli.modeling import upcycle
+    from layermoe.modeling import upcycle
 
     kwargs = {k: v for k, v in shape.items() if k not in ("name", "new_experts", "classifier_layers", "model_type")}
     config = AutoConfig.for_model(shape["model_type"], **kwargs, max_position_embeddings=4096, bos_token_id=0,

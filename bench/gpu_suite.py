@@ -135,7 +135,7 @@ def sections_for(args: argparse.Namespace, device: str) -> list[Section]:
             "train": (["bench/train_throughput.py", "--device", device], {}),
             "decode": (["bench/decode.py", "--device", device], {}),
         }
-    compare = (f"bench/join_demo_model.sh >&2 && {py} -m layermoe_cli -w {args.workdir} run recipes/compare-gpu.yaml >&2 "
+    compare = (f"bench/join_demo_model.sh >&2 && {py} -m layermoe -w {args.workdir} run recipes/compare-gpu.yaml >&2 "
                f"&& cat {args.workdir}/compare.md")
     specs["compare"] = (["-c", compare], {"PYTHONPATH": os.pathsep.join([str(REPO / ".gpu-demo" / "site"), str(REPO)])})
     titles = {
@@ -188,7 +188,7 @@ def machine_line(label: str | None) -> str:
             versions.append(f"{module} missing")
     versions.append(f"Python {platform.python_version()}")
     sys.path.insert(0, str(REPO))
-    from layermoe_cli import __version__
+    from layermoe import __version__
 
     label = label or _run_text(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]) or "unlabelled tree"
     return f"Machine: {', '.join(parts)}; {', '.join(versions)}; layermoe {__version__} ({label})"

@@ -22,7 +22,7 @@ from transformers import MixtralConfig, Qwen2Config
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
-from layermoe_cli.modeling import LayermoeMoeBlock
+from layermoe.modeling import LayermoeMoeBlock
 
 REAL = dict(hidden=2048, intermediate=5504, tokens=(2048, 8192, 16384), dtype="bfloat16")
 SMALL = dict(hidden=64, intermediate=176, tokens=(128, 512), dtype="float32")

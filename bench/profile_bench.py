@@ -23,13 +23,13 @@ import time
 
 import torch
 
-from layermoe_cli.similarity import _batches, _forward_kwargs, _max_length, profile_model, sample_sequences
+from layermoe.profiling.similarity import _batches, _forward_kwargs, _max_length, profile_model, sample_sequences
 
 LANGUAGES = ("en", "el", "tr")
 
 
 def corpus(languages=LANGUAGES) -> dict[str, list[str]]:
-    from layermoe_cli.data import builtin_corpus_path
+    from layermoe.data import builtin_corpus_path
 
     out: dict[str, list[str]] = {lang: [] for lang in languages}
     with open(builtin_corpus_path(), encoding="utf-8") as f:
@@ -45,7 +45,7 @@ def load(args):
 
     path = args.model
     if path is None:
-        from layermoe_cli.testing import make_tiny_model
+        from layermoe.testing import make_tiny_model
 
         path = make_tiny_model(
             tempfile.mkdtemp(), "llama", num_layers=8, hidden_size=256, intermediate_size=704,

@@ -48,8 +48,8 @@ def build_layermoe(shape: dict, dtype, device):
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from layermoe_cli.modeling import upcycle
-    from layermoe_cli.training import freeze_for_stage
+    from layermoe.modeling import upcycle
+    from layermoe.training import freeze_for_stage
 
     config = Qwen2Config(**_shape_kwargs(shape), max_position_embeddings=max(2048, shape["seq"]), tie_word_embeddings=False)
     with torch.device(device):
@@ -92,7 +92,7 @@ def flops_per_token(active: int, layers: int, hidden: int, seq: int) -> float:
 
 
 def _step(kind: str, model, input_ids, optimizer, top_k: int = 2):
-    from layermoe_cli.training.losses import load_balancing_over_layers
+    from layermoe.training.losses import load_balancing_over_layers
 
     if kind == "layermoe":
         out = model(input_ids=input_ids, labels=input_ids, output_router_logits=True)

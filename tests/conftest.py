@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def wide_consoles():
     """Rich tables and notes at a fixed, wide width: test output must not depend on the terminal."""
-    from layermoe_cli.console import console, err_console
+    from layermoe.core.console import console, err_console
 
     saved = console.width, err_console.width
     console.width = err_console.width = 200

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from layermoe_cli.allocation import (
+from layermoe.allocation.strategies import (
     CEIL_TOLERANCE,
     allocate,
     allocate_layerwise,
-    allocate_random,
     allocate_neuron,
+    allocate_random,
     allocate_uniform,
     classifier_layers,
     default_classifier_k,
@@ -24,7 +24,7 @@ from layermoe_cli.allocation import (
     round_exact,
     validate_budget,
 )
-from layermoe_cli.errors import LayermoeError
+from layermoe.core.errors import LayermoeError
 
 # Qwen1.5-1.8B, G1 (el, hu, tr), published per-layer totals (expert 0 included).
 PUBLISHED_G1 = [5, 4, 3, 5, 4, 3, 2, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 4, 4, 4, 3, 3]
@@ -216,7 +216,7 @@ def test_new_parameter_count():
 
 
 def test_classifiers_go_only_to_layers_with_new_experts():
-    from layermoe_cli.allocation import classifier_layers
+    from layermoe.allocation.strategies import classifier_layers
 
     similarity = [0.2, 0.9, 0.8, 0.3]
     assert classifier_layers(similarity, 2) == [1, 2]
@@ -227,7 +227,7 @@ def test_classifiers_go_only_to_layers_with_new_experts():
 
 
 def test_the_budget_is_capped_by_a_default_per_layer_maximum():
-    from layermoe_cli.allocation import DEFAULT_MAX_PER_LAYER
+    from layermoe.allocation.strategies import DEFAULT_MAX_PER_LAYER
 
     with pytest.raises(LayermoeError, match=r"^expert budget 1000000000000 exceeds 24 layers x 64 experts per layer = 1536: "
                                             r"lower the budget or raise the per-layer maximum \(--max-per-layer; the default is 64\)$"):

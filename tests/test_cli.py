@@ -5,9 +5,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from layermoe_cli.cli import app
-from layermoe_cli.manifest import BaseModelRecord, Generation, Manifest, StepStatus
-from layermoe_cli.workdir import Workdir
+from layermoe.cli import app
+from layermoe.core.manifest import BaseModelRecord, Generation, Manifest, StepStatus
+from layermoe.core.workdir import Workdir
 
 runner = CliRunner()
 

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from layermoe_cli.cli import app
-from layermoe_cli.pipeline.compare import CompareSpec, expert_budgets, plan_variants, round_half_up
-from layermoe_cli.testing import make_tiny_model
-from layermoe_cli.workdir import Workdir
+from layermoe.cli import app
+from layermoe.core.workdir import Workdir
+from layermoe.pipeline.compare import CompareSpec, expert_budgets, plan_variants, round_half_up
+from layermoe.testing import make_tiny_model
 
 runner = CliRunner()
 LAYERS = 4
@@ -181,8 +181,8 @@ def test_recipe_may_not_set_the_budget_itself(tmp_path):
 
 
 def test_dense_model_refuses_stage_2(tmp_path):
-    from layermoe_cli.errors import LayermoeError
-    from layermoe_cli.training import TrainConfig, train_stage
+    from layermoe.core.errors import LayermoeError
+    from layermoe.training import TrainConfig, train_stage
 
     tiny = make_tiny_model(tmp_path / "tiny", "llama", num_layers=2)
     with pytest.raises(LayermoeError, match="is a dense model: it has no router, so only stage 1"):
@@ -198,7 +198,7 @@ def test_budgets_plan_one_layermoe_per_delta():
     assert plan[4]["allocate"] == {"classifier_layers": 0, "strategy": "uniform", "new_experts": 60}
     linear = plan_variants(30, CompareSpec(neuron_mapping="linear"), {})[1]["allocate"]
     assert linear == {"strategy": "neuron", "neuron_mapping": "linear", "min_experts": 1, "max_experts": 6}
-    from layermoe_cli.errors import LayermoeError
+    from layermoe.core.errors import LayermoeError
 
     with pytest.raises(LayermoeError, match="^expert budget 20 is smaller than the 30 layers"):
         plan_variants(30, CompareSpec(budgets=[20, 54]), {})
@@ -206,9 +206,9 @@ def test_budgets_plan_one_layermoe_per_delta():
 
 def test_table_and_plot_from_a_fixture(tmp_path):
     """_summarise, the markdown and compare.png from recorded figures: no model, no training."""
-    from layermoe_cli.manifest import Generation, Manifest
-    from layermoe_cli.pipeline.compare import _summarise, compare_markdown
-    from layermoe_cli.plots import compare_points, plot_compare
+    from layermoe.core.manifest import Generation, Manifest
+    from layermoe.pipeline.compare import _summarise, compare_markdown
+    from layermoe.profiling.plots import compare_points, plot_compare
 
     def manifest(strategy, per_layer, steps, mapping=None):
         g1 = Generation(index=1, old_languages=["en"], new_languages=["el", "hu"])

@@ -1,4 +1,4 @@
-"""Each shim of `layermoe_cli.compat` against the library versions installed here.
+"""Each shim of `layermoe.compat` against the library versions installed here.
 
 CI runs this file on the locked set, on the newest versions pyproject.toml allows and on the
 lowest ones, so every branch a shim has is taken by one of those runs. Each test names the
@@ -18,9 +18,9 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from layermoe_cli import compat
-from layermoe_cli.modeling import LayermoeCausalLMOutput, upcycle
-from layermoe_cli.testing import make_tiny_model
+from layermoe import compat
+from layermoe.modeling import LayermoeCausalLMOutput, upcycle
+from layermoe.testing import make_tiny_model
 
 TRANSFORMERS = Version(transformers.__version__).release
 TORCH = Version(torch.__version__).release

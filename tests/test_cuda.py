@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from layermoe_cli.testing import make_tiny_tokenizer
+from layermoe.testing import make_tiny_tokenizer
 
 ON_CPU = os.environ.get("LAYERMOE_CUDA_TESTS_ON_CPU") == "1"
 pytestmark = [
@@ -102,7 +102,7 @@ def test_grouped_and_loop_experts_agree(device, dtype, new_experts, top_k, class
 def _upcycled(path: Path, device: str, dtype):
     from transformers import AutoModelForCausalLM
 
-    from layermoe_cli.modeling import upcycle
+    from layermoe.modeling import upcycle
 
     base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     layers = base.config.num_hidden_layers
@@ -133,7 +133,7 @@ def test_greedy_decoding_with_kv_cache_gives_the_base_models_tokens(smollm2_shap
 
 
 def test_save_and_reload_give_the_same_logits(smollm2_shaped, device, tmp_path):
-    from layermoe_cli.modeling import load_layermoe, save_layermoe
+    from layermoe.modeling import load_layermoe, save_layermoe
 
     _, model = _upcycled(smollm2_shaped, device, torch.bfloat16)
     save_layermoe(model, tmp_path / "saved")
@@ -147,7 +147,7 @@ def test_save_and_reload_give_the_same_logits(smollm2_shaped, device, tmp_path):
 # A short lineage in bf16 through the CLI: G0 → G1 → G2
 # ---------------------------------------------------------------------------------------
 def _cli(workdir: Path, *args: str):
-    from layermoe_cli.cli import app
+    from layermoe.cli import app
 
     result = CliRunner().invoke(app, ["-w", str(workdir), *args], env={"COLUMNS": "200"})
     assert result.exit_code == 0, f"layermoe {' '.join(args)}:\n{result.output}"
@@ -164,8 +164,8 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def test_bf16_chain_to_g2_keeps_frozen_weights(tmp_path, device):
-    from layermoe_cli.testing import make_tiny_model
-    from layermoe_cli.workdir import Workdir
+    from layermoe.core.workdir import Workdir
+    from layermoe.testing import make_tiny_model
 
     model = make_tiny_model(tmp_path / "tiny", "qwen2", num_layers=4, shared_direction=0.05, hidden_size=64,
                             intermediate_size=128)
@@ -211,9 +211,10 @@ def test_fsdp2_with_one_process_equals_a_plain_run(tmp_path, device):
     import sys
 
     from test_distributed import _LAUNCHED_RUN
-    from test_training import GENS, REPO, _corpus, _env, _expanded, _free_port, _small_config, _weights as weights_of
+    from test_training import GENS, REPO, _corpus, _env, _expanded, _free_port, _small_config
+    from test_training import _weights as weights_of
 
-    from layermoe_cli.training import train_stage
+    from layermoe.training import train_stage
 
     expanded = _expanded(tmp_path, hidden_size=64, intermediate_size=128)
     train, _ = _corpus(40)

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from layermoe_cli.data.split import _split_fixup, _unit_hash
-from layermoe_cli.data import (
+from layermoe.core.errors import LayermoeError
+from layermoe.data import (
     builtin_corpus_path,
     builtin_languages,
     describe_source,
@@ -19,8 +19,8 @@ from layermoe_cli.data import (
     parse_data_args,
     source_kind,
 )
-from layermoe_cli.errors import LayermoeError
-from layermoe_cli.languages import base_language, parse_language_list, validate_language
+from layermoe.data.languages import base_language, parse_language_list, validate_language
+from layermoe.data.split import _split_fixup, _unit_hash
 
 UNKNOWN_TAIL = "use an ISO 639-1 or 639-3 code such as el, hu, tur (optionally with a script, e.g. zh-Hans)"
 
@@ -98,7 +98,7 @@ def test_txt_documents_are_the_lines_datasets_makes(tmp_path):
     """The same documents as `datasets`' text builder (which read .txt before), so the same held-out split."""
     import datasets
 
-    from layermoe_cli.data.sources import Source, iter_documents
+    from layermoe.data.sources import Source, iter_documents
 
     f = _write(tmp_path / "x.txt", "\ufeffone\r\ntwo\rthree\u2028still three\x0cand\x85more\n\n  \n  spaced  \r\n\rlast")
     rows = datasets.load_dataset("text", data_files=[str(f)], split="train", cache_dir=str(tmp_path / "c"))["text"]
@@ -198,7 +198,7 @@ def test_non_utf8_names_the_offset(tmp_path):
 
 
 def test_non_utf8_across_chunk_boundary(tmp_path, monkeypatch):
-    import layermoe_cli.data.sources as sources
+    import layermoe.data.sources as sources
 
     monkeypatch.setattr(sources, "_CHUNK", 3)  # 'α' (2 bytes) straddles the chunk boundary at 3 of the checksum scan
     f = _write(tmp_path / "x.txt", "aα".encode() + b"b\xffc")
@@ -221,7 +221,7 @@ def test_malformed_json_names_file_and_line(tmp_path):
         "fix or remove that line"
     )
     # line numbers count across the reader's chunks, blank lines included
-    from layermoe_cli.data.sources import Source, iter_documents
+    from layermoe.data.sources import Source, iter_documents
 
     g = _write(tmp_path / "b.jsonl", "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(300)) + "\n[1, 2]\n")
     with pytest.raises(LayermoeError) as err:

@@ -12,21 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training import GENS, REPO, _corpus, _env, _expanded, _free_port, _small_config, _weights
 from typer.testing import CliRunner
 
-from layermoe_cli.errors import LayermoeError
-from layermoe_cli.training import FrozenWeightsChanged, TrainConfig, train_stage
-from layermoe_cli.training import distributed
-from layermoe_cli.training.checkpoint import frozen_checksums, latest_checkpoint, verify_frozen
-
-from test_training import GENS, REPO, _corpus, _env, _expanded, _free_port, _small_config, _weights
+from layermoe.core.errors import LayermoeError
+from layermoe.training import FrozenWeightsChanged, TrainConfig, distributed, train_stage
+from layermoe.training.checkpoint import frozen_checksums, latest_checkpoint, verify_frozen
 
 _LAUNCHED_RUN = """
 import json, os, signal, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from layermoe_cli.training import TrainConfig, train_stage
+from layermoe.training import TrainConfig, train_stage
 a = json.loads(Path(sys.argv[1]).read_text())
 kill_at = int(os.environ.get("KILL_AT_STEP", "0"))
 def on_step(record):  # the main process only
@@ -121,8 +119,8 @@ def test_a_launch_of_several_processes_that_ends_up_undistributed_is_refused():
 
 @pytest.fixture(scope="module")
 def expanded_workdir(tmp_path_factory):
-    from layermoe_cli.cli import app
-    from layermoe_cli.testing import make_tiny_model
+    from layermoe.cli import app
+    from layermoe.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("dist")
     tiny = make_tiny_model(root / "tiny", "llama", num_layers=2, shared_direction=0.05)
@@ -136,7 +134,7 @@ def expanded_workdir(tmp_path_factory):
 
 
 def _train(workdir: Path, *args: str, env: dict | None = None):
-    from layermoe_cli.cli import app
+    from layermoe.cli import app
 
     return CliRunner().invoke(app, ["-w", str(workdir), "train", "--stage", "1", "--max-steps", "2", "--seq-len", "32",
                                     "--micro-batch", "2", *args], env={"COLUMNS": "200", **(env or {})})
@@ -234,8 +232,8 @@ def test_frozen_check_compares_values_whatever_the_dtype():
 
 
 def test_the_saved_model_is_built_around_the_gathered_state_without_a_copy(tmp_path):
-    from layermoe_cli.modeling import load_layermoe
-    from layermoe_cli.training.loop import _checkpoint_tensors, _model_from_state_dict
+    from layermoe.modeling import load_layermoe
+    from layermoe.training.loop import _checkpoint_tensors, _model_from_state_dict
 
     expanded = _expanded(tmp_path)
     model = load_layermoe(expanded)

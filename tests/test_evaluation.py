@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from layermoe_cli.errors import LayermoeError
-from layermoe_cli.evaluation import deltas, evaluate_languages, forgetting_and_gain, group_averages, routing_health
-from layermoe_cli.evaluation.routing import effective_routing, plot_routing
-from layermoe_cli.testing import make_tiny_model
+from layermoe.core.errors import LayermoeError
+from layermoe.evaluation import deltas, evaluate_languages, forgetting_and_gain, group_averages, routing_health
+from layermoe.evaluation.routing import effective_routing, plot_routing
+from layermoe.testing import make_tiny_model
 
 TEXTS = {
     "en": ["Hello world, this is a test.", "", "The cat sat on the mat and looked at the quiet garden for a while."],
@@ -301,7 +301,7 @@ def test_lm_eval_bridge_on_a_local_task_matches_hand_scoring(tiny):
     pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'layermoe[eval]'")
     import json
 
-    from layermoe_cli.lm_eval_bridge import run_lm_eval
+    from layermoe.evaluation.lm_eval import run_lm_eval
 
     model, tok = tiny
     out = run_lm_eval(model, tok, ["layermoe_tiny_mc"], include_path=LM_EVAL_TASK_DIR, include_defaults=False, return_samples=True)
@@ -325,7 +325,7 @@ def test_lm_eval_bridge_on_a_local_task_matches_hand_scoring(tiny):
 
 def test_lm_eval_bridge_batches_give_the_figures_of_batch_size_one(tiny):
     pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'layermoe[eval]'")
-    from layermoe_cli.lm_eval_bridge import parse_batch_size, run_lm_eval
+    from layermoe.evaluation.lm_eval import parse_batch_size, run_lm_eval
 
     assert [parse_batch_size(v) for v in ("1", "16", "auto", "auto:4", 8)] == [1, 16, "auto", "auto:4", 8]
     model, tok = tiny
@@ -342,7 +342,7 @@ def test_lm_eval_bridge_batches_give_the_figures_of_batch_size_one(tiny):
 def test_lm_eval_bridge_without_lm_eval_says_how_to_install(tiny, monkeypatch):
     import sys
 
-    from layermoe_cli.lm_eval_bridge import run_lm_eval
+    from layermoe.evaluation.lm_eval import run_lm_eval
 
     model, tok = tiny
     with pytest.raises(LayermoeError, match=r"^no lm-eval task given"):
@@ -354,7 +354,7 @@ def test_lm_eval_bridge_without_lm_eval_says_how_to_install(tiny, monkeypatch):
 
 def test_lm_eval_bridge_names_unknown_tasks(tiny):
     pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'layermoe[eval]'")
-    from layermoe_cli import lm_eval_bridge
+    from layermoe.evaluation import lm_eval as lm_eval_bridge
 
     model, tok = tiny
     with pytest.raises(LayermoeError, match=r"^unknown lm-eval task\(s\): no_such_task"):
@@ -365,7 +365,7 @@ def test_lm_eval_bridge_names_unknown_tasks(tiny):
 
 def test_routing_health_agrees_with_the_expanded_models_own_dispatch(tiny):
     """On the real LayerMoE model (G0 -> G1 -> G2), effective top-1 and load equal what its MoE blocks compute."""
-    modeling = pytest.importorskip("layermoe_cli.modeling")
+    modeling = pytest.importorskip("layermoe.modeling")
     base, tok = tiny
     model = modeling.upcycle(base, [2, 1], classifier_layers=[0], seed=1)
     modeling.add_generation(model, [1, 2], classifier_layers=[1], classifier_classes=3, seed=2)
@@ -405,9 +405,9 @@ def test_routing_health_agrees_with_the_expanded_models_own_dispatch(tiny):
 
 def test_single_pass_routing_and_bpb_equal_the_two_pass_figures(tiny):
     """measure_languages records the routing in the bits-per-byte forward: same counts as routing_health's own pass."""
-    from layermoe_cli.evaluation import measure_languages, summarise_routing
+    from layermoe.evaluation import measure_languages, summarise_routing
 
-    modeling = pytest.importorskip("layermoe_cli.modeling")
+    modeling = pytest.importorskip("layermoe.modeling")
     base, tok = tiny
     model = modeling.upcycle(base, [2, 1], classifier_layers=[0], seed=1)
     modeling.add_generation(model, [1, 2], classifier_layers=[1], classifier_classes=3, seed=2)

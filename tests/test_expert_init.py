@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layermoe_cli.errors import LayermoeError
-from layermoe_cli.expert_use import RoutingMass, most_routed_experts
-from layermoe_cli.modeling import add_generation, upcycle
-from layermoe_cli.testing import make_tiny_model
+from layermoe.core.errors import LayermoeError
+from layermoe.modeling import add_generation, upcycle
+from layermoe.profiling.expert_use import RoutingMass, most_routed_experts
+from layermoe.testing import make_tiny_model
 
 
 @pytest.fixture

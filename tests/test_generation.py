@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layermoe_cli.generation import continue_text
-from layermoe_cli.testing import make_tiny_model
+from layermoe.modeling.generation import continue_text
+from layermoe.testing import make_tiny_model
 
 
 @pytest.mark.parametrize("classes", [2, 3])  # the paper's binary classifier, and one class per generation
 def test_greedy_generation_with_cache_equals_without(tmp_path, classes):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from layermoe_cli import modeling
+    from layermoe import modeling
 
     path = make_tiny_model(tmp_path / "tiny", "llama", num_layers=3, seed=5)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from layermoe_cli.cli import app
-from layermoe_cli.manifest import StepStatus
-from layermoe_cli.testing import make_tiny_model
-from layermoe_cli.workdir import Workdir
+from layermoe.cli import app
+from layermoe.core.manifest import StepStatus
+from layermoe.core.workdir import Workdir
+from layermoe.testing import make_tiny_model
 
 runner = CliRunner()
 LAYERS = 4
@@ -107,7 +107,7 @@ def unchanged(workdir: Path):
 def test_streaming_checksums_match_a_slow_reference(runs, monkeypatch):
     from safetensors.torch import load_file
 
-    from layermoe_cli import integrity
+    from layermoe.core import integrity
 
     path = runs / "g2" / "g2" / "stage2" / "model.safetensors"
     monkeypatch.setattr(integrity, "CHUNK", 7)  # chunks that cut through tensors and the header

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from layermoe_cli.cli import app
-from layermoe_cli.manifest import StepStatus
-from layermoe_cli.testing import make_tiny_model
-from layermoe_cli.workdir import Workdir
+from layermoe.cli import app
+from layermoe.core.manifest import StepStatus
+from layermoe.core.workdir import Workdir
+from layermoe.testing import make_tiny_model
 
 runner = CliRunner()
 LAYERS = 4
@@ -138,9 +138,9 @@ generations:
 """)
     workdir = tmp_path / "run"
     env = {**os.environ, "COLUMNS": "200"}
-    cmd = [sys.executable, "-m", "layermoe_cli", "-w", str(workdir), "run", str(recipe)]
+    cmd = [sys.executable, "-m", "layermoe", "-w", str(workdir), "run", str(recipe)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # (if this fails, run the same recipe by hand: `python -m layermoe_cli -w run run recipe.yaml`)
+    # (if this fails, run the same recipe by hand: `python -m layermoe -w run run recipe.yaml`)
     try:  # kill it once the expansion is recorded, i.e. between steps
         deadline = time.time() + 240
         while time.time() < deadline:
@@ -168,7 +168,7 @@ generations:
 
 
 def test_report_shows_the_drift_at_extension(chain, tmp_path):
-    from layermoe_cli.report import render_report
+    from layermoe.evaluation.report import render_report
 
     workdir, _ = chain
     manifest = Workdir(workdir).load()
@@ -213,9 +213,9 @@ def test_expand_again_on_g2_keeps_its_settings_and_refuses_another_top_k(chain, 
 
 def test_demo_ending_shows_each_new_language_base_vs_newest(chain, capsys):
     """One prompt per learned language, continued in one batch per model: the same text as one prompt at a time."""
-    from layermoe_cli.generation import continue_text
-    from layermoe_cli.pipeline.common import load_checkpoint, texts_for
-    from layermoe_cli.pipeline.generate import demo_prompt, show_new_languages
+    from layermoe.modeling.generation import continue_text
+    from layermoe.pipeline.common import load_checkpoint, texts_for
+    from layermoe.pipeline.generate import demo_prompt, show_new_languages
 
     workdir, _ = chain
     manifest = Workdir(workdir).load()
@@ -226,7 +226,7 @@ def test_demo_ending_shows_each_new_language_base_vs_newest(chain, capsys):
     prompt = demo_prompt(texts_for(Workdir(workdir), manifest.generations[1], "el", "heldout", limit=1)[0])
     for column, model_dir in ((0, None), (1, workdir / "g2" / "stage2")):
         if model_dir is None:
-            from layermoe_cli.pipeline.common import load_base
+            from layermoe.pipeline.common import load_base
 
             model, tok = load_base(Workdir(workdir), manifest)
         else:
@@ -237,7 +237,7 @@ def test_demo_ending_shows_each_new_language_base_vs_newest(chain, capsys):
 def test_extend_with_neuron_allocation_and_routed_init(chain, tmp_path):
     """G3 on a copy of the chain: `--strategy neuron` spends δ exactly, and `--expert-init routed` starts each
     layer's new experts as copies of the expert the profile saw the new languages use most (router row too)."""
-    from layermoe_cli.expert_use import most_routed_experts
+    from layermoe.profiling.expert_use import most_routed_experts
 
     workdir = tmp_path / "run"
     shutil.copytree(chain[0], workdir)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from layermoe_cli.training.losses import (
+from layermoe.training.losses import (
     IGNORE,
     classifier_labels,
     classifier_loss,

@@ -8,9 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from layermoe_cli.errors import LayermoeError
-from layermoe_cli.manifest import SCHEMA_VERSION, BaseModelRecord, Generation, LanguageEval, Manifest, StepStatus, parse_manifest
-from layermoe_cli.workdir import Workdir, atomic_write_text
+from layermoe.core.errors import LayermoeError
+from layermoe.core.manifest import (
+    SCHEMA_VERSION,
+    BaseModelRecord,
+    Generation,
+    LanguageEval,
+    Manifest,
+    StepStatus,
+    parse_manifest,
+)
+from layermoe.core.workdir import Workdir, atomic_write_text
 
 DATA = Path(__file__).parent / "data"
 
@@ -87,7 +95,7 @@ def test_crash_mid_write_leaves_previous_manifest(tmp_path):
     workdir.save(sample_manifest())
     before = workdir.manifest_path.read_bytes()
     script = f"""
-import os, layermoe_cli.workdir as w
+import os, layermoe.core.workdir as w
 real_replace = os.replace
 def die(*a, **k):
     os._exit(9)   # the process dies after the temp file is written, before the rename

@@ -12,20 +12,20 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from layermoe_cli.compat import CACHE_FIELD, output_cache
-from layermoe_cli.errors import LayermoeError
-from layermoe_cli.modeling import (
+from layermoe.compat import CACHE_FIELD, output_cache
+from layermoe.core.errors import LayermoeError
+from layermoe.modeling import (
     LayermoeForCausalLM,
     LayermoeMoeBlock,
     add_generation,
     load_layermoe,
+    modeling_layermoe,
     parameter_groups,
     register_auto_classes,
     save_layermoe,
     upcycle,
 )
-from layermoe_cli.modeling import modeling_layermoe
-from layermoe_cli.testing import TINY_FAMILIES, make_tiny_model
+from layermoe.testing import TINY_FAMILIES, make_tiny_model
 
 NEW_EXPERTS = [2, 0, 3]  # layer 1 stays dense
 
@@ -87,7 +87,8 @@ def test_upcycle_bad_inputs_raise_one_line_errors(tiny_dirs):
 # ---------------------------------------------------------------------------------------
 def make_block(new_experts, top_k, classes=0, seed=0, hidden=32, inter=64):
     from transformers.models.llama.modeling_llama import LlamaMLP
-    from layermoe_cli.testing import make_tiny_config
+
+    from layermoe.testing import make_tiny_config
 
     torch.manual_seed(seed)
     cfg = make_tiny_config("llama", hidden_size=hidden, intermediate_size=inter, num_attention_heads=1, num_key_value_heads=1)
@@ -219,7 +220,7 @@ def test_old_classified_tokens_use_expert0_alone(monkeypatch):
 def test_causal_segment_mean_against_a_loop():
     """Sequence pooling (issue 10, item 12): the running mean of the non-padding tokens so far, restarted
     at each document start, continued from a carried (sum, count) across KV-cache calls."""
-    from layermoe_cli.modeling.modeling_layermoe import causal_segment_mean
+    from layermoe.modeling.modeling_layermoe import causal_segment_mean
 
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(3, 7, 5, generator=gen)
@@ -312,7 +313,7 @@ def test_packed_documents_pool_separately(tiny_dirs):
 
 def test_forward_passes_use_cache_and_logits_to_keep_through(tiny_dirs):
     """Profiling an expanded model asks for no KV cache and the logits of one position (issue 10, item 13)."""
-    from layermoe_cli.similarity import _forward_kwargs
+    from layermoe.profiling.similarity import _forward_kwargs
 
     model = upcycle(load_base(tiny_dirs["llama"]), NEW_EXPERTS).eval()
     assert _forward_kwargs(model) == {"use_cache": False, "logits_to_keep": 1}
@@ -396,7 +397,7 @@ def test_save_and_reload_same_process_and_fresh_process(tmp_path):
         "torch.set_num_threads(1)  # the same reduction order as this test process (conftest)\n"
         "from transformers import AutoModelForCausalLM\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(out_dir)!r}, trust_remote_code=True).eval()\n"
-        "assert not any(k.startswith('layermoe_cli') for k in sys.modules)\n"
+        "assert not any(k.startswith('layermoe') for k in sys.modules)\n"
         f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
         "with torch.no_grad():\n"
         "    print(type(m).__name__, (m(io['ids']).logits - io['want']).abs().max().item())\n"

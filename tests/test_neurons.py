@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from layermoe_cli.hsa import decoder_layers
-from layermoe_cli.neurons import average_precision, average_precisions, count_unique
-from layermoe_cli.similarity import _max_length, profile_model, sample_sequences
-from layermoe_cli.testing import make_tiny_model
+from layermoe.profiling.hsa import decoder_layers
+from layermoe.profiling.neurons import average_precision, average_precisions, count_unique
+from layermoe.profiling.similarity import _max_length, profile_model, sample_sequences
+from layermoe.testing import make_tiny_model
 
 
 def brute_force_ap(scores: list[float], positive: list[bool]) -> float:
@@ -21,7 +21,7 @@ def brute_force_ap(scores: list[float], positive: list[bool]) -> float:
 
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 41 * 7])  # one chunk of neurons, or several
 def test_average_precision_equals_its_definition_with_ties(monkeypatch, chunk_elements):
-    monkeypatch.setattr("layermoe_cli.neurons._AP_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr("layermoe.profiling.neurons._AP_CHUNK_ELEMENTS", chunk_elements)
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(41, 30, generator=gen, dtype=torch.float64)
     scores[:, :12] = scores[:, :12].mul(2).round()  # many tied scores
@@ -53,7 +53,7 @@ def _load(path):
 
 def _corpus(n=30):
     """The first n builtin sentences of en, el and tr."""
-    from layermoe_cli.data import load_texts
+    from layermoe.data import load_texts
 
     return {lang: load_texts(lang, "builtin", limit=n) for lang in ("en", "el", "tr")}
 
@@ -102,7 +102,7 @@ def test_profile_pass_neuron_counts_equal_a_document_by_document_run(tmp_path):
 
 
 def test_expanded_model_reads_expert0_neurons_and_routing_mass(tmp_path):
-    from layermoe_cli.modeling import upcycle
+    from layermoe.modeling import upcycle
 
     dense, tok = _load(make_tiny_model(tmp_path, "qwen2", num_layers=3, shared_direction=0.05))
     moe = upcycle(dense, [2, 0, 1], classifier_layers=[0]).eval()

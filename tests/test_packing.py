@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from layermoe_cli.data import PackedData, Selection, Source, block_indices, builtin_corpus_path, load_texts, prepare
-from layermoe_cli.data.tokenize import id_dtype
-from layermoe_cli.errors import LayermoeError
-from layermoe_cli.testing import make_tiny_tokenizer
+from layermoe.core.errors import LayermoeError
+from layermoe.data import PackedData, Selection, Source, block_indices, builtin_corpus_path, load_texts, prepare
+from layermoe.data.tokenize import id_dtype
+from layermoe.testing import make_tiny_tokenizer
 
 IGNORE = -100
 GENS = {"en": 0, "el": 1, "hu": 1}

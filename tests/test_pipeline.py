@@ -11,10 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from layermoe_cli.cli import app
-from layermoe_cli.manifest import StepStatus
-from layermoe_cli.testing import make_tiny_model
-from layermoe_cli.workdir import Workdir
+from layermoe.cli import app
+from layermoe.core.manifest import StepStatus
+from layermoe.core.workdir import Workdir
+from layermoe.testing import make_tiny_model
 
 runner = CliRunner()
 LAYERS = 4
@@ -321,7 +321,7 @@ def test_expand_before_allocate_and_a_layer_count_mismatch(tmp_path, expanded):
 
 def test_data_files_are_found_after_the_workdir_moves_deeper(tmp_path, tiny):
     """A --data file is stored relative to the work dir and absolute; the absolute path is the fallback, said once."""
-    from layermoe_cli.data import load_texts
+    from layermoe.data import load_texts
 
     data = tmp_path / "data"
     data.mkdir()
@@ -418,7 +418,7 @@ def test_an_absurd_budget_and_top_k_are_refused(tmp_path, expanded, monkeypatch)
     most = max(manifest_of(workdir).generations[1].allocation.experts_per_layer)
     assert_one_line_error(layermoe(workdir, "expand", "--force", "--top-k", "99"),
                           f"--top-k 99 is more than the most experts any layer has ({most})")
-    import layermoe_cli.pipeline.expand as expand_step
+    import layermoe.pipeline.expand as expand_step
 
     monkeypatch.setattr(expand_step, "available_memory", lambda device: 1000)
     assert_one_line_error(layermoe(workdir, "expand", "--force"), "of memory, but only 1.0 kB are free on cpu")
@@ -461,7 +461,7 @@ def test_extend_checks_every_argument_before_profiling(tmp_path, expanded, args,
 
 def _two_generations(tmp_path):
     """A manifest whose G1 put experts (and its classifier) on layers 0 and 2, and whose G2 profile is done."""
-    from layermoe_cli.manifest import BaseModelRecord, Generation, Manifest
+    from layermoe.core.manifest import BaseModelRecord, Generation, Manifest
 
     manifest = Manifest(
         base_model=BaseModelRecord(spec="m", kind="local", num_layers=4, hidden_size=32, intermediate_size=64,
@@ -482,7 +482,7 @@ def _two_generations(tmp_path):
 
 
 def test_g2_classifiers_go_to_the_most_similar_moe_layers_of_the_extended_model(tmp_path):
-    from layermoe_cli.pipeline.allocate import allocate_generation
+    from layermoe.pipeline.allocate import allocate_generation
 
     workdir, manifest = _two_generations(tmp_path)
     g2 = manifest.generations[2]
@@ -493,7 +493,7 @@ def test_g2_classifiers_go_to_the_most_similar_moe_layers_of_the_extended_model(
 
 
 def test_uniform_allocation_has_no_classifier_unless_asked(tmp_path):
-    from layermoe_cli.pipeline.allocate import allocate_generation
+    from layermoe.pipeline.allocate import allocate_generation
 
     workdir, manifest = _two_generations(tmp_path)
     g2 = manifest.generations[2]
@@ -504,8 +504,8 @@ def test_uniform_allocation_has_no_classifier_unless_asked(tmp_path):
 
 
 def test_demo_summary_measures_g2_forgetting_against_the_model_before_it(capsys):
-    from layermoe_cli.manifest import Generation, LanguageEval, Manifest
-    from layermoe_cli.pipeline.recipe import _demo_summary
+    from layermoe.core.manifest import Generation, LanguageEval, Manifest
+    from layermoe.pipeline.recipe import _demo_summary
 
     def figures(**bpb):
         return {lang: LanguageEval(bpb=value) for lang, value in bpb.items()}
@@ -529,8 +529,8 @@ def test_demo_summary_measures_g2_forgetting_against_the_model_before_it(capsys)
 
 
 def test_own_test_sets_equal_a_direct_computation_and_a_rerun_is_cached(tmp_path, expanded):
-    from layermoe_cli.evaluation import evaluate_languages
-    from layermoe_cli.pipeline.common import load_checkpoint
+    from layermoe.evaluation import evaluate_languages
+    from layermoe.pipeline.common import load_checkpoint
 
     workdir = tmp_path / "run"
     shutil.copytree(expanded, workdir)
@@ -564,9 +564,10 @@ def test_eval_dtype_loads_the_models_in_it_and_caches_per_dtype(tmp_path, expand
     """`eval --dtype bfloat16` (the default on CUDA) equals a direct bf16 computation and is cached apart from float32."""
     import torch
 
-    from layermoe_cli.evaluation import evaluate_languages
-    from layermoe_cli.pipeline.common import load_checkpoint, resolve_dtype
-    from layermoe_cli.pipeline.evaluate import held_out_texts
+    from layermoe.core.devices import resolve_dtype
+    from layermoe.evaluation import evaluate_languages
+    from layermoe.pipeline.common import load_checkpoint
+    from layermoe.pipeline.evaluate import held_out_texts
 
     assert (resolve_dtype("auto", "cuda"), resolve_dtype("auto", "cpu")) == (torch.bfloat16, torch.float32)
     workdir = tmp_path / "run"
@@ -604,8 +605,8 @@ def test_bad_eval_dtype_or_batch_size(tmp_path, expanded, args, message):
 def test_eval_cache_hits_by_checksum_and_misses_when_the_weights_change(tmp_path, tiny):
     from safetensors.torch import load_file, save_file
 
-    from layermoe_cli.models import ModelSource
-    from layermoe_cli.pipeline.eval_cache import EvalCache, EvalJob, ModelUnderTest, measure_cached
+    from layermoe.modeling.base import ModelSource
+    from layermoe.pipeline.eval_cache import EvalCache, EvalJob, ModelUnderTest, measure_cached
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny, model_dir)
@@ -614,7 +615,7 @@ def test_eval_cache_hits_by_checksum_and_misses_when_the_weights_change(tmp_path
     def under_test() -> ModelUnderTest:
         def loader(device):
             loads.append(device)
-            from layermoe_cli.models import load_model
+            from layermoe.modeling.base import load_model
 
             return load_model(ModelSource("local", str(model_dir), path=model_dir), device=device)
 
@@ -657,8 +658,8 @@ def test_bad_test_set_input_leaves_workdir_unchanged(tmp_path, expanded, args, m
 
 
 def test_generate_streams_greedy_text_and_compares_with_base_while_the_lock_is_held(expanded, tiny):
-    from layermoe_cli.generation import continue_text
-    from layermoe_cli.pipeline.common import load_checkpoint
+    from layermoe.modeling.generation import continue_text
+    from layermoe.pipeline.common import load_checkpoint
 
     model, tok = load_checkpoint(expanded / "g1" / "expanded")
     expected = continue_text(model, tok, "Καλημέρα", max_new_tokens=6).text
@@ -688,9 +689,9 @@ def test_generate_shows_a_model_path_as_given(expanded, tiny, tmp_path, monkeypa
 
 def test_generate_in_bf16_equals_the_bf16_model_directly(expanded, monkeypatch):
     """`--dtype auto` is bf16 on CUDA; asked for on the CPU, the model is loaded in bf16 and the text is its."""
-    from layermoe_cli.generation import continue_text
-    from layermoe_cli.pipeline import evaluate
-    from layermoe_cli.pipeline.common import load_checkpoint
+    from layermoe.modeling.generation import continue_text
+    from layermoe.pipeline import evaluate
+    from layermoe.pipeline.common import load_checkpoint
 
     model, tok = load_checkpoint(expanded / "g1" / "expanded", dtype=torch.bfloat16)
     expected = continue_text(model, tok, "Καλημέρα", max_new_tokens=6).text
@@ -723,7 +724,7 @@ def test_bad_generate_input(expanded, args, message):
 def test_neuron_allocation_from_the_profile(tmp_path, expanded):
     """`--strategy neuron`: Σ N^i = δ in the order of the profile's neuron counts; `--neuron-mapping linear`
     is the authors' formula with the total it reaches recorded as the budget."""
-    from layermoe_cli.allocation import neuron_linear_mapping
+    from layermoe.allocation.strategies import neuron_linear_mapping
 
     workdir = tmp_path / "run"
     shutil.copytree(expanded, workdir)

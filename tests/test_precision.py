@@ -8,12 +8,11 @@ import json
 
 import pytest
 import torch
+from test_modeling import dense_reference, make_block, run_block
 from transformers import AutoModelForCausalLM
 
-from layermoe_cli.modeling import load_layermoe, modeling_layermoe, save_layermoe, upcycle
-from layermoe_cli.testing import make_tiny_model
-
-from test_modeling import dense_reference, make_block, run_block
+from layermoe.modeling import load_layermoe, modeling_layermoe, save_layermoe, upcycle
+from layermoe.testing import make_tiny_model
 
 # bf16 keeps 8 bits of mantissa: two bf16 GEMMs in a row agree with fp32 to about 1% of the
 # output's scale. Stated once, used by every bf16 comparison here.

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from layermoe_cli.cli import app
-from layermoe_cli.data import Selection, Source, builtin_corpus_path, prepare
-from layermoe_cli.data.split import _unit_hash
-from layermoe_cli.manifest import StepStatus
-from layermoe_cli.testing import make_tiny_model, make_tiny_tokenizer
-from layermoe_cli.workdir import Workdir
+from layermoe.cli import app
+from layermoe.core.manifest import StepStatus
+from layermoe.core.workdir import Workdir
+from layermoe.data import Selection, Source, builtin_corpus_path, prepare
+from layermoe.data.split import _unit_hash
+from layermoe.testing import make_tiny_model, make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -136,7 +136,7 @@ def test_two_process_ddp_trains_from_prepared_data_without_tokenising_again(work
         os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "recipes/accelerate/cpu_ddp_2proc.yaml"), "--main_process_port", str(_free_port()),
-               "-m", "layermoe_cli", "-w", str(workdir), "train", "--stage", "1", *TRAIN]
+               "-m", "layermoe", "-w", str(workdir), "train", "--stage", "1", *TRAIN]
         run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=workdir.parent)
     finally:
         source.write_bytes(saved)
@@ -157,8 +157,8 @@ def test_two_process_ddp_trains_from_prepared_data_without_tokenising_again(work
 
 _PREPARE = """
 import json, os, signal, sys
-from layermoe_cli.data import Selection, Source, prepare
-from layermoe_cli.testing import make_tiny_tokenizer
+from layermoe.data import Selection, Source, prepare
+from layermoe.testing import make_tiny_tokenizer
 a = json.loads(open(sys.argv[1]).read())
 def on_progress(language, stats):
     if language == os.environ.get("KILL_IN") and stats["documents_read"] >= 150:
@@ -266,9 +266,9 @@ def test_a_budget_larger_than_the_corpus_is_a_note(workdir):
 def test_without_a_terminal_progress_is_a_plain_line(tmp_path, monkeypatch):
     from rich.console import Console
 
-    from layermoe_cli import console as consoles
-    from layermoe_cli import progress
-    from layermoe_cli.training.loop import _Reporter
+    from layermoe.core import console as consoles
+    from layermoe.core import progress
+    from layermoe.training.loop import _Reporter
 
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     log = io.StringIO()

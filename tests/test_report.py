@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from layermoe_cli.report import generation_of_language, render_report
+from layermoe.evaluation.report import generation_of_language, render_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -57,7 +57,7 @@ MANIFEST = {
 
 def _validated(manifest: dict) -> dict:
     """Round-trip through the real manifest schema, as the CLI hands it over."""
-    from layermoe_cli.manifest import Manifest
+    from layermoe.core.manifest import Manifest
 
     return Manifest.model_validate(manifest).model_dump(mode="json")
 

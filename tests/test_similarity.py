@@ -7,17 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from layermoe_cli.errors import LayermoeError
-from layermoe_cli.hsa import capture_ffn_inputs, decoder_layers, token_mask, tokenizer_prepends_bos
-from layermoe_cli.similarity import (
+from layermoe.core.errors import LayermoeError
+from layermoe.profiling.hsa import capture_ffn_inputs, decoder_layers, token_mask, tokenizer_prepends_bos
+from layermoe.profiling.similarity import (
     SimilarityAccumulator,
     layer_scores,
     pairwise_similarity,
     profile_model,
     sample_sequences,
 )
-from layermoe_cli.testing import TINY_FAMILIES, make_tiny_model
-
+from layermoe.testing import TINY_FAMILIES, make_tiny_model
 
 # ---------------------------------------------------------------- streaming == brute force
 
@@ -233,7 +232,7 @@ def test_profile_excludes_bos_and_splits_long_documents(tmp_path):
 
 def _corpus(n=40):
     """The first n builtin sentences of en, el and tr."""
-    from layermoe_cli.data import load_texts
+    from layermoe.data import load_texts
 
     return {lang: load_texts(lang, "builtin", limit=n) for lang in ("en", "el", "tr")}
 

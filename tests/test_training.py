@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from layermoe_cli.data import builtin_corpus_path
-from layermoe_cli.modeling import add_generation, load_layermoe, save_layermoe, upcycle
-from layermoe_cli.testing import make_tiny_model
-from layermoe_cli.training import FrozenWeightsChanged, TrainConfig, freeze_for_stage, train_stage
-from layermoe_cli.training.checkpoint import checkpoint_dirs, latest_checkpoint, prepare_staging, publish
+from layermoe.data import builtin_corpus_path
+from layermoe.modeling import add_generation, load_layermoe, save_layermoe, upcycle
+from layermoe.testing import make_tiny_model
+from layermoe.training import FrozenWeightsChanged, TrainConfig, freeze_for_stage, train_stage
+from layermoe.training.checkpoint import checkpoint_dirs, latest_checkpoint, prepare_staging, publish
 
 REPO = Path(__file__).resolve().parents[1]
 GENS = {"en": 0, "el": 1}
@@ -110,7 +110,7 @@ def test_trainable_sets_per_stage_exact_names_and_counts(tmp_path):
 
 
 def test_tampered_frozen_weight_raises_and_nothing_is_saved(tmp_path, monkeypatch):
-    import layermoe_cli.modeling as modeling
+    import layermoe.modeling as modeling
 
     loaded = []
     real_load = modeling.load_layermoe
@@ -173,7 +173,7 @@ import json, os, signal, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from layermoe_cli.training import TrainConfig, train_stage
+from layermoe.training import TrainConfig, train_stage
 a = json.loads(Path(sys.argv[1]).read_text())
 kill_at = int(os.environ.get("KILL_AT_STEP", "0"))
 def on_step(record):
@@ -242,7 +242,7 @@ def test_two_process_cpu_ddp_ends_with_identical_weights_on_both_ranks(tmp_path)
         )
     )
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/cpu_ddp_2proc.yaml"),
-           "--main_process_port", str(_free_port()), "-m", "layermoe_cli.training.run_stage", "--args-json", str(args)]
+           "--main_process_port", str(_free_port()), "-m", "layermoe.training.run_stage", "--args-json", str(args)]
     run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "work" / "train_result.json").read_text())

@@ -9,16 +9,9 @@ import time
 
 import pytest
 
-from layermoe_cli.errors import LayermoeError
-from layermoe_cli.manifest import BaseModelRecord, Generation, Manifest, StepStatus
-from layermoe_cli.workdir import (
-    StepAlreadyDone,
-    Workdir,
-    require_done,
-    run_step,
-    session,
-    unchanged_on_bad_input,
-)
+from layermoe.core.errors import LayermoeError
+from layermoe.core.manifest import BaseModelRecord, Generation, Manifest, StepStatus
+from layermoe.core.workdir import StepAlreadyDone, Workdir, require_done, run_step, session, unchanged_on_bad_input
 
 BASE = BaseModelRecord(spec="../models/tiny", kind="local")
 
@@ -31,7 +24,7 @@ def _manifest():
 def test_second_process_is_refused_with_holder_pid_and_host(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         f"import time; from layermoe_cli.workdir import Workdir\n"
+         f"import time; from layermoe.core.workdir import Workdir\n"
          f"with Workdir({str(tmp_path)!r}).lock():\n    print('locked', flush=True); time.sleep(30)"],
         stdout=subprocess.PIPE, text=True,
     )
@@ -148,8 +141,8 @@ def test_paths_are_stored_relative(tmp_path):
 
 _HOLDER = """
 import sys
-from layermoe_cli.manifest import BaseModelRecord, Generation, Manifest
-from layermoe_cli.workdir import Workdir, session
+from layermoe.core.manifest import BaseModelRecord, Generation, Manifest
+from layermoe.core.workdir import Workdir, session
 workdir = Workdir(sys.argv[1])
 with session(workdir):
     if not workdir.has_manifest():
@@ -175,7 +168,7 @@ def _refused_while_another_holds(workdir_path, tmp_path, command):
     the lock in that gap; let the command go on. Returns (holder process, the command's result)."""
     gate = tmp_path / "gate"
     env = {**os.environ, "LAYERMOE_TEST_LOCK_GATE": str(gate)}
-    refused = subprocess.Popen([sys.executable, "-m", "layermoe_cli", "-w", str(workdir_path), *command], env=env,
+    refused = subprocess.Popen([sys.executable, "-m", "layermoe", "-w", str(workdir_path), *command], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(tmp_path / "gate.waiting", refused)
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(workdir_path)], stdin=subprocess.PIPE,
@@ -225,7 +218,7 @@ def test_refused_process_keeps_the_holders_lock_and_manifest(tmp_path):
 
 
 def test_atomic_writes_keep_the_files_mode_or_follow_the_umask(tmp_path):
-    from layermoe_cli.workdir import atomic_write_text
+    from layermoe.core.workdir import atomic_write_text
 
     path = tmp_path / "manifest.json"
     saved = os.umask(0o022)
@@ -242,7 +235,7 @@ def test_atomic_writes_keep_the_files_mode_or_follow_the_umask(tmp_path):
 def test_a_workdir_that_is_a_file_or_read_only_is_one_line(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from layermoe_cli.cli import app
+    from layermoe.cli import app
 
     runner = CliRunner()
     afile = tmp_path / "notadir"
@@ -330,7 +323,7 @@ def test_a_step_run_again_marks_every_dependent_step_pending(tmp_path, capsys, g
 
 
 def test_the_step_graph_is_one_table():
-    from layermoe_cli.manifest import MODEL_STEPS, STEP_INPUTS, STEP_NAMES
+    from layermoe.core.manifest import MODEL_STEPS, STEP_INPUTS, STEP_NAMES
 
     assert STEP_NAMES == tuple(STEP_INPUTS)
     assert set(MODEL_STEPS) <= set(STEP_NAMES)

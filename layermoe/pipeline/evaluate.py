@@ -1,0 +1,336 @@
+"""`layermoe eval`: bits per byte per language (held-out split and the user's own test sets),
+old vs new, routing health, lm-eval, report.
+
+Every figure goes through the eval cache (`eval_cache.py`): a model is measured once per
+language, texts and settings. The base model's figures are cached in G0's eval record.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+from layermoe.core.console import console, err_console
+from layermoe.core.devices import dtype_name, resolve_device, resolve_dtype, torch_dtype
+from layermoe.core.errors import LayermoeError
+from layermoe.core.manifest import EvalRecord, Generation, LanguageEval, Manifest, NamedTestSet, StepStatus
+from layermoe.core.progress import token_progress
+from layermoe.core.workdir import Workdir, run_step, session
+from layermoe.evaluation.lm_eval import parse_batch_size
+from layermoe.pipeline.common import (
+    base_source,
+    documents_for_tokens,
+    latest_checkpoint,
+    load_base,
+    load_checkpoint,
+    texts_for,
+    verify_checkpoint,
+)
+from layermoe.pipeline.eval_cache import EvalCache, EvalJob, Measured, ModelUnderTest, from_cache, measure_cached
+
+
+def run_eval(workdir: Workdir, *, langs, model="current", max_tokens=None, tasks=(), num_fewshot=None, limit=None,
+             device="auto", as_json=False, force=False, include_path=None, data=(), text_field="text", dtype="auto",
+             batch_size="1") -> None:
+    with session(workdir):
+        manifest = workdir.load()
+        generation = manifest.current
+        evaluate_generation(workdir, manifest, generation, langs=langs, model=model, max_tokens=max_tokens, tasks=tasks,
+                            num_fewshot=num_fewshot, limit=limit, device=device, as_json=as_json, force=force,
+                            include_path=include_path, data=data, text_field=text_field, dtype=dtype,
+                            batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------- what to measure
+
+
+def _data_home(manifest: Manifest, language: str) -> Generation:
+    """The newest generation whose data record covers `language` (every generation lists all its languages)."""
+    for generation in reversed(manifest.generations):
+        if language in generation.data:
+            return generation
+    raise LayermoeError(f"no data recorded for {language}: run `layermoe profile` first")
+
+
+def held_out_texts(workdir: Workdir, manifest: Manifest, languages: list[str], max_tokens: int | None) -> dict[str, list[str]]:
+    texts = {}
+    for language in languages:
+        texts[language] = texts_for(workdir, _data_home(manifest, language), language, "heldout",
+                                    limit=documents_for_tokens(max_tokens))
+        if not texts[language]:
+            raise LayermoeError(f"the held-out split of {language} is empty: give it more documents with --data")
+    return texts
+
+
+@dataclass
+class TestSet:
+    """`eval --data LANG=SPEC`: a language's own test texts, evaluated in full."""
+
+    name: str  # "LANG=SPEC", SPEC as stored (a path relative to the work dir)
+    language: str
+    source: str
+    kind: str
+    sha256: str | None
+    texts: list[str]
+
+
+def load_test_sets(workdir: Workdir, data: list[str], text_field: str = "text") -> list[TestSet]:
+    """Parse and read every --data LANG=SPEC (any SPEC `profile` takes); bad input is one clear error."""
+    from layermoe.data import describe_source, load_documents, parse_data_args
+
+    test_sets = []
+    for language, spec in parse_data_args(list(data)).items():
+        info = describe_source(language, spec, text_field=text_field)
+        texts = list(load_documents(language, spec, split="all", cache_dir=workdir.cache_dir / "datasets",
+                                    text_field=text_field))
+        stored = spec if info["kind"] in ("builtin", "hf") else workdir.rel(spec)
+        test_sets.append(TestSet(f"{language}={stored}", language, stored, info["kind"], info.get("sha256"), texts))
+    return test_sets
+
+
+def base_under_test(workdir: Workdir, manifest: Manifest, dtype: str = "float32") -> ModelUnderTest:
+    """The base model, loaded in `dtype` (a name: float32, bfloat16) when first needed."""
+    return ModelUnderTest("base", base_source(workdir, manifest),
+                          lambda device: load_base(workdir, manifest, device=device, dtype=torch_dtype(dtype)),
+                          workdir.cache_dir / "models", dtype=dtype)
+
+
+def checkpoint_under_test(workdir: Workdir, manifest: Manifest, stored: str, dtype: str = "float32") -> ModelUnderTest:
+    """A model folder of the work dir, verified now against what its step recorded: a changed or
+    truncated model is refused before anything is measured or read from the cache."""
+    from layermoe.modeling.base import ModelSource
+
+    verify_checkpoint(workdir, manifest, stored)
+    path = workdir.resolve(stored)
+    return ModelUnderTest(stored, ModelSource("local", str(path), path=path),
+                          lambda device: load_checkpoint(path, device=device, dtype=torch_dtype(dtype)), dtype=dtype)
+
+
+def _target(workdir: Workdir, manifest: Manifest, generation: Generation, model: str, dtype: str) -> ModelUnderTest:
+    if model == "base":
+        return base_under_test(workdir, manifest, dtype)
+    if model == "current":
+        checkpoint = latest_checkpoint(generation)
+        if checkpoint is None:
+            raise LayermoeError(f"G{generation.index} has no expanded model yet: run `layermoe expand` first "
+                                "(or `eval --model base`)")
+        return checkpoint_under_test(workdir, manifest, checkpoint, dtype)
+    if not Path(model).is_dir():
+        raise LayermoeError(f"--model must be base, current, or a checkpoint folder; {model} is none of them")
+    return checkpoint_under_test(workdir, manifest, workdir.rel(model), dtype)
+
+
+# ---------------------------------------------------------------------------- the step
+
+
+def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Generation, *, langs=(), model="current",
+                        max_tokens=None, tasks=(), num_fewshot=None, limit=None, device="auto", as_json=False,
+                        force=False, include_path=None, data=(), text_field="text", dtype="auto", batch_size="1") -> None:
+    """dtype: the models' weights (auto: bfloat16 on CUDA, float32 on CPU); figures are cached per dtype.
+    batch_size: lm-eval's (an integer, `auto` or `auto:N`)."""
+    known = manifest.generation_of_language()
+    languages = list(langs) or [lang for lang in known if known[lang] <= generation.index]
+    unknown = [lang for lang in languages if lang not in known]
+    if unknown:
+        raise LayermoeError(f"{', '.join(unknown)} is not a language of this work dir ({', '.join(known)})")
+    if max_tokens is not None and max_tokens < 1:
+        raise LayermoeError("--max-tokens must be positive")
+    lm_eval_batch_size = parse_batch_size(batch_size)
+    device = resolve_device(device)
+    dtype = dtype_name(resolve_dtype(dtype, device))
+    target = _target(workdir, manifest, generation, model, dtype)
+    test_sets = load_test_sets(workdir, data, text_field)
+    texts = held_out_texts(workdir, manifest, languages, max_tokens)
+    cache = EvalCache(workdir.cache_dir / "eval")
+
+    def jobs(routing: bool) -> list[EvalJob]:  # the held-out split (capped), then the test sets (in full, no routing)
+        return ([EvalJob(lang, lang, texts[lang], max_tokens, routing=routing, generation=known[lang])
+                 for lang in languages] + [EvalJob(t.name, t.language, t.texts) for t in test_sets])
+
+    base_record = manifest.generations[0].eval
+    shared = dict(test_sets=test_sets, max_tokens=max_tokens, device=device, cache=cache, generation=generation)
+    asked = dict(force=force, tasks=tasks, num_fewshot=num_fewshot, limit=limit, include_path=include_path,
+                 batch_size=lm_eval_batch_size)
+    if target.label == "base":
+        record = base_record
+        changed = _measure_record(workdir, manifest, record, target, jobs(False), label="eval of the base model",
+                                  merge=True, **shared, **asked)
+    else:  # the base model's figures beside them: measured once, then from the cache
+        base = base_under_test(workdir, manifest, dtype)
+        changed = _measure_record(workdir, manifest, base_record, base, jobs(False), label="eval of the base model",
+                                  merge=True, quiet=True, **shared)
+        base.release()
+        record = generation.eval
+        changed |= _measure_record(workdir, manifest, record, target, jobs(target.expanded),
+                                   label=f"eval of G{generation.index}", **shared, **asked)
+    target.release()
+    if changed:
+        _write_report(workdir, manifest)
+    if as_json:
+        sys.stdout.write(json.dumps(_numbers(manifest, generation, record), indent=2) + "\n")
+    else:
+        console.print(eval_table(manifest, generation, record))
+        if record.test_sets:
+            console.print(test_set_table(manifest, record))
+
+
+def _measure_record(workdir: Workdir, manifest: Manifest, record: EvalRecord, model: ModelUnderTest, jobs: list[EvalJob], *,
+                    test_sets: list[TestSet], max_tokens, device, cache: EvalCache, generation: Generation, label: str,
+                    merge=False, force=False, tasks=(), num_fewshot=None, limit=None, include_path=None, quiet=False,
+                    batch_size: int | str = 1) -> bool:
+    """Fill `record` with `model`'s figures on `jobs`, from the cache where they were measured before; True if it changed.
+
+    Nothing is written when the record would not change (the same model, texts and settings
+    again: said on stderr unless `quiet`). merge: keep the record's other languages of the same
+    model and token cap (G0's record gathers the base model's figures over every eval). Test
+    sets and lm-eval results of the same model are kept.
+    """
+    from layermoe.evaluation import summarise_routing
+
+    same_model = record.status == StepStatus.done and record.config.get("model_sha256") == model.fingerprint
+    # read now: run_step replaces the config (records from before --dtype were float32)
+    same_cap = (same_model and record.config.get("max_tokens") == max_tokens
+                and record.config.get("dtype", "float32") == model.dtype)
+    config = dict(model=model.label, model_sha256=model.fingerprint, max_tokens=max_tokens, dtype=model.dtype)
+    benchmark_keys = ("tasks", "num_fewshot", "limit")
+    if tasks:
+        config.update(tasks=list(tasks), num_fewshot=num_fewshot, limit=limit)
+    elif same_model and record.lm_eval is not None:
+        config.update({k: record.config.get(k) for k in benchmark_keys})
+    benchmarks_known = not tasks or (same_model and not force and record.lm_eval is not None
+                                     and all(record.config.get(k) == config[k] for k in benchmark_keys))
+    held_out = [job.name for job in jobs if job.name not in {t.name for t in test_sets}]
+    known = manifest.generation_of_language()
+
+    def fill(rec: EvalRecord, measured: Measured) -> None:
+        kept = rec.languages if merge and same_cap else {}
+        rec.languages = {**kept, **{name: LanguageEval(**measured.evals[name].to_dict()) for name in held_out}}
+        rec.test_sets = {**(rec.test_sets if same_model else {}), **{
+            t.name: NamedTestSet(**measured.evals[t.name].to_dict(), language=t.language, source=t.source, kind=t.kind,
+                                 sha256=t.sha256, transfer=t.language not in known) for t in test_sets}}
+        rec.routing = summarise_routing(measured.routing, known, generation.index).to_dict() if measured.routing else None
+        if rec.routing is not None:
+            # drawn by the report (render_report), like every figure that comes from the manifest
+            rec.outputs["routing_plot"] = workdir.rel(workdir.generation_dir(generation.index) / "routing.png")
+        if not benchmarks_known:
+            from layermoe.evaluation.lm_eval import run_lm_eval
+
+            loaded, tokenizer = model.load(device)
+            rec.lm_eval = run_lm_eval(loaded, tokenizer, list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                      include_path=include_path, batch_size=batch_size)
+        elif not same_model:
+            rec.lm_eval = None
+        rec.model, rec.config = model.label, config
+        _summarise(manifest, generation, rec, of_base=model.label == "base")
+
+    if benchmarks_known and not force:
+        found, missing = from_cache(cache, model, jobs)
+        if not missing:
+            trial = record.model_copy(deep=True)
+            fill(trial, found)
+            if record.status == StepStatus.done and trial.model_dump(mode="json") == record.model_dump(mode="json"):
+                if not quiet:
+                    err_console.print(f"[green]✓[/] {label} is up to date: the model (sha256 {model.fingerprint[:12]}), "
+                                      "texts and settings are those it was measured with; the figures are the cached ones "
+                                      "(--force measures again)", soft_wrap=True, highlight=False)
+                return False
+    with run_step(workdir, manifest, record, label, config, force=True) as rec:
+        with token_progress("eval" if model.label != "base" else "eval base") as update:
+            measured = measure_cached(cache, model, jobs, device=device, force=force, progress=update)
+        if not measured.measured and not quiet:
+            err_console.print(f"[green]✓[/] {label}: every figure comes from the cache (the same model sha256 "
+                              f"{model.fingerprint[:12]}, texts and settings were measured before)", soft_wrap=True,
+                              highlight=False)
+        fill(rec, measured)
+    return True
+
+
+def _summarise(manifest: Manifest, generation: Generation, record: EvalRecord, of_base: bool) -> None:
+    from layermoe.evaluation import forgetting_and_gain, group_averages
+
+    known = manifest.generation_of_language()
+    bpb = {lang: r.bpb for lang, r in record.languages.items()}
+    groups = group_averages(bpb, known, generation.index)
+    record.old_avg, record.new_avg = groups["old_avg"], groups["new_avg"]
+    record.metrics["by_generation"] = {str(g): v for g, v in groups["by_generation"].items()}
+    base = {lang: r.bpb for lang, r in manifest.generations[0].eval.languages.items()}
+    if not of_base and base:
+        record.metrics.update(forgetting_and_gain(bpb, base, known, generation.index))
+
+
+def _write_report(workdir: Workdir, manifest: Manifest) -> None:
+    try:
+        from layermoe.evaluation.report import render_report
+    except ImportError:
+        return
+    render_report(manifest.model_dump(mode="json"), workdir.root)
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def _numbers(manifest: Manifest, generation: Generation, record: EvalRecord) -> dict:
+    base = manifest.generations[0].eval
+    known = manifest.generation_of_language()
+    return {
+        "generation": generation.index,
+        "model": record.model,
+        "model_sha256": record.config.get("model_sha256"),
+        "languages": {lang: {**r.model_dump(), "base_bpb": base.languages[lang].bpb if lang in base.languages else None}
+                      for lang, r in record.languages.items()},
+        "test_sets": {name: {**t.model_dump(), "generation": known.get(t.language),
+                             "base_bpb": base.test_sets[name].bpb if name in base.test_sets else None}
+                      for name, t in record.test_sets.items()},
+        "old_avg": record.old_avg,
+        "new_avg": record.new_avg,
+        "metrics": record.metrics,
+        "lm_eval": (record.lm_eval or {}).get("results"),
+    }
+
+
+def _delta(value: float, before) -> str:
+    return "—" if before is None else f"{round(value - before.bpb, 4) + 0.0:+.4f}"  # + 0.0: no "-0.0000"
+
+
+def eval_table(manifest: Manifest, generation: Generation, record: EvalRecord) -> Table:
+    known = manifest.generation_of_language()
+    base = manifest.generations[0].eval.languages
+    table = Table(title=f"held-out bits per byte — {record.model} (lower is better)", title_justify="left")
+    for column in ("language", "generation", "base bpb", "bpb", "Δ", "tokens"):
+        table.add_column(column, justify="left" if column == "language" else "right")
+    is_base = record is manifest.generations[0].eval
+    for lang, result in sorted(record.languages.items(), key=lambda kv: (known.get(kv[0], 0), kv[0])):
+        before = base.get(lang)
+        table.add_row(lang, f"G{known.get(lang, '?')}", f"{before.bpb:.4f}" if before else "—", f"{result.bpb:.4f}",
+                      "—" if is_base else _delta(result.bpb, before), f"{result.tokens:,}" if result.tokens else "—")
+    parts = []
+    if record.old_avg is not None:
+        parts.append(f"Old-avg {record.old_avg:.4f}")
+    if record.new_avg is not None:
+        parts.append(f"New-avg {record.new_avg:.4f}")
+    for key in ("forgetting", "gain"):
+        if record.metrics.get(key) is not None:
+            parts.append(f"{key} {round(record.metrics[key], 4) + 0.0:+.4f}")  # no "-0.0000"
+    table.caption = " · ".join(parts)
+    return table
+
+
+def test_set_table(manifest: Manifest, record: EvalRecord) -> Table:
+    """The user's own test sets, each on its own row (measured in full; transfer = a language not in the lineage)."""
+    known = manifest.generation_of_language()
+    base = manifest.generations[0].eval.test_sets
+    is_base = record is manifest.generations[0].eval
+    table = Table(title=f"your test sets, bits per byte — {record.model} (lower is better)", title_justify="left")
+    for column in ("test set", "generation", "documents", "tokens", "base bpb", "bpb", "Δ"):
+        table.add_column(column, justify="left" if column == "test set" else "right")
+    for name, result in sorted(record.test_sets.items()):
+        before = base.get(name)
+        table.add_row(name, "transfer" if result.transfer else f"G{known[result.language]}",
+                      f"{result.documents:,}" if getattr(result, "documents", None) else "—",
+                      f"{result.tokens:,}" if result.tokens else "—", f"{before.bpb:.4f}" if before else "—",
+                      f"{result.bpb:.4f}", "—" if is_base else _delta(result.bpb, before))
+    return table

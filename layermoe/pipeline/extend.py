@@ -1,0 +1,170 @@
+"""`layermoe extend`: open the next generation (lifelong expansion, G(n) → G(n+1)).
+
+Profile the current expanded model (its HSA is the MoE block's input), allocate a new group
+of experts per layer, append them as copies of expert 0 (or, with `--expert-init routed`, of
+the expert the new languages' tokens are routed to most) with every earlier expert frozen,
+and measure right away how much the earlier languages moved (they should not, much).
+"""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from layermoe.core.console import console, err_console
+from layermoe.core.devices import resolve_device
+from layermoe.core.errors import LayermoeError
+from layermoe.core.manifest import Generation, Manifest, StepStatus
+from layermoe.core.progress import token_progress
+from layermoe.core.workdir import StepAlreadyDone, Workdir, session
+from layermoe.pipeline.allocate import allocate_generation
+from layermoe.pipeline.common import documents_for_tokens, latest_checkpoint, texts_for
+from layermoe.pipeline.expand import expand_generation
+from layermoe.pipeline.profile import profile_generation
+
+CLASSIFIER_MODES = ("generation", "binary")
+EXPERT_INITS = ("expert0", "routed")
+# How the router rows of the new experts start (see docs in README: "Extending"): expert 0's row,
+# or with --expert-init routed the row of the expert they copy.
+DEFAULT_ROUTER_INIT = None
+DEFAULT_DRIFT_TOKENS = 20_000  # held-out tokens per earlier language when no eval of the previous model sets the cap
+
+
+def run_extend(workdir: Workdir, *, new, data=(), budget=None, new_experts=None, tokens=100_000, classifier="generation",
+               device="auto", router_init=DEFAULT_ROUTER_INIT, drift_tokens=None, strategy="layerwise",
+               classifier_layers=None, batch_tokens=8192, seed=0, expert_init="expert0", neuron_mapping="proportional",
+               min_experts=None, max_experts=None) -> None:
+    with session(workdir):
+        manifest = workdir.load()
+        extend_generation(workdir, manifest, new=new, data=data, budget=budget, new_experts=new_experts, tokens=tokens,
+                          classifier=classifier, device=device, router_init=router_init, drift_tokens=drift_tokens,
+                          strategy=strategy, classifier_layers=classifier_layers, batch_tokens=batch_tokens, seed=seed,
+                          expert_init=expert_init, neuron_mapping=neuron_mapping, min_experts=min_experts,
+                          max_experts=max_experts)
+
+
+def open_generation(manifest: Manifest, new: list[str]) -> Generation:
+    """Append G(n+1) to the manifest, or return it when an interrupted `extend` already opened it."""
+    from layermoe.data.languages import validate_language_group
+
+    new = validate_language_group(new, "--new")
+    if not new:
+        raise LayermoeError("--new needs at least one language, e.g. --new bn,hi,ne")
+    current = manifest.current
+    if current.new_languages == new and current.index >= 2:
+        return current  # the same extension again: resume it where it stopped, or find it done
+    known = manifest.generation_of_language()
+    taken = [lang for lang in new if lang in known]
+    if taken:
+        where = ", ".join(f"{lang} (G{known[lang]})" for lang in taken)
+        raise LayermoeError(f"{where} is already learned: a new generation needs new languages")
+    if latest_checkpoint(current) is None:
+        raise LayermoeError(f"G{current.index} has no expanded model yet: run `layermoe expand` "
+                            f"(and `layermoe train --stage 1/2`) before extending")
+    if current.stage2.status != StepStatus.done:
+        err_console.print(f"[yellow]note:[/] G{current.index} has not finished stage 2; extending from its latest model", soft_wrap=True)
+    generation = Generation(index=current.index + 1, old_languages=current.languages, new_languages=new,
+                            data=dict(current.data))
+    manifest.generations.append(generation)
+    return generation
+
+
+def extend_generation(workdir: Workdir, manifest: Manifest, *, new, data=(), budget=None, new_experts=None,
+                      tokens=100_000, classifier="generation", device="auto", router_init=DEFAULT_ROUTER_INIT,
+                      drift_tokens=None, strategy="layerwise", classifier_layers=None, batch_tokens=8192, seed=0,
+                      expert_init="expert0", neuron_mapping="proportional", min_experts=None, max_experts=None,
+                      neuron_top_n=None, neuron_documents=None) -> Generation:
+    _check_arguments(manifest, budget=budget, new_experts=new_experts, tokens=tokens, batch_tokens=batch_tokens,
+                     classifier=classifier, router_init=router_init, drift_tokens=drift_tokens, strategy=strategy,
+                     classifier_layers=classifier_layers, expert_init=expert_init, neuron_mapping=neuron_mapping,
+                     min_experts=min_experts, max_experts=max_experts)
+    neuron_options = {k: v for k, v in dict(neuron_top_n=neuron_top_n, neuron_documents=neuron_documents).items() if v is not None}
+    generation = open_generation(manifest, new)
+    if generation.expansion.status == StepStatus.done and "bpb_drift" in generation.expansion.metrics:
+        raise StepAlreadyDone(f"G{generation.index} ({', '.join(new)}) is open already: train it with "
+                              "`layermoe train --stage 1`")
+    device = resolve_device(device)
+    if generation.profile.status != StepStatus.done:
+        profile_generation(workdir, manifest, generation, data=data, tokens=tokens, batch_tokens=batch_tokens,
+                           device=device, seed=seed, **neuron_options)
+    if generation.allocation.status != StepStatus.done:
+        allocate_generation(workdir, manifest, generation, budget=budget, new_experts=new_experts, strategy=strategy,
+                            classifier_layers=classifier_layers, seed=seed, neuron_mapping=neuron_mapping,
+                            min_experts=min_experts, max_experts=max_experts)
+    if generation.expansion.status != StepStatus.done:
+        expand_generation(workdir, manifest, generation, device=device, router_init=router_init, classifier=classifier,
+                          expert_init=expert_init)
+    measure_drift(workdir, manifest, generation, device, drift_tokens)
+    workdir.save(manifest)
+    return generation
+
+
+def _check_arguments(manifest: Manifest, *, budget, new_experts, tokens, batch_tokens, classifier, router_init, drift_tokens,
+                     strategy, classifier_layers, expert_init, neuron_mapping, min_experts, max_experts) -> None:
+    """Every argument of `extend`, checked before the profile (minutes on a real model) starts."""
+    from layermoe.allocation import strategies as alloc
+    from layermoe.modeling import ROUTER_INITS
+    from layermoe.pipeline.allocate import check_neuron_settings, resolve_budget
+
+    if classifier not in CLASSIFIER_MODES:
+        raise LayermoeError(f"unknown classifier mode {classifier!r}: use generation or binary")
+    if expert_init not in EXPERT_INITS:
+        raise LayermoeError(f"unknown expert init {expert_init!r}: use expert0 or routed")
+    if router_init is not None and router_init not in ROUTER_INITS:
+        raise LayermoeError(f"unknown --router-init {router_init!r}: use {', '.join(ROUTER_INITS[:-1])} or {ROUTER_INITS[-1]}")
+    for option, value in (("--tokens", tokens), ("--batch-tokens", batch_tokens), ("--drift-tokens", drift_tokens)):
+        if value is not None and value < 1:
+            raise LayermoeError(f"{option} must be positive, not {value}")
+    if strategy not in alloc.STRATEGIES:
+        raise LayermoeError(f"unknown allocation strategy {strategy!r}: choose one of {', '.join(alloc.STRATEGIES)}")
+    check_neuron_settings(strategy, neuron_mapping, min_experts, max_experts, budget, new_experts, "exact", None)
+    linear = strategy == "neuron" and neuron_mapping == "linear"
+    if budget is None and new_experts is None and not linear:
+        raise LayermoeError("give --budget (δ, counting expert 0 of every layer) or --new-experts for the new generation")
+    num_layers = manifest.base_model.num_layers
+    if num_layers and not linear:
+        delta = resolve_budget(budget, new_experts, num_layers)
+        k = alloc.default_classifier_k(num_layers) if classifier_layers is None else classifier_layers
+        alloc.validate_budget(num_layers, delta, k=k, strategy=strategy)
+
+
+def measure_drift(workdir: Workdir, manifest: Manifest, generation: Generation, device: str, max_tokens: int | None) -> dict:
+    """Bits per byte of every earlier language, before and right after the extension (recorded in the manifest).
+
+    Both go through the eval cache: "before" is the previous generation's model, which its own
+    eval has usually measured on the same held-out texts already. `max_tokens` None takes the
+    cap of that eval (so the figures are shared), else DEFAULT_DRIFT_TOKENS. Both models are
+    loaded in that eval's dtype, else in float32 (the drift is a small difference).
+    """
+    from layermoe.pipeline.eval_cache import EvalCache, EvalJob, measure_cached
+    from layermoe.pipeline.evaluate import checkpoint_under_test
+
+    previous = manifest.generations[generation.index - 1]
+    evaluated = previous.eval.status == StepStatus.done and previous.eval.model == latest_checkpoint(previous)
+    dtype = previous.eval.config.get("dtype", "float32") if evaluated else "float32"
+    if max_tokens is None:
+        max_tokens = previous.eval.config.get("max_tokens") if evaluated else DEFAULT_DRIFT_TOKENS
+    texts = {lang: texts_for(workdir, generation, lang, "heldout", limit=documents_for_tokens(max_tokens))
+             for lang in generation.old_languages}
+    jobs = [EvalJob(lang, lang, texts[lang], max_tokens) for lang in generation.old_languages]
+    cache = EvalCache(workdir.cache_dir / "eval")
+    figures = {}
+    for label, checkpoint in (("before", latest_checkpoint(previous)), ("after", generation.expansion.checkpoint)):
+        model = checkpoint_under_test(workdir, manifest, checkpoint, dtype)
+        with token_progress(f"bpb {label} extension") as update:
+            measured = measure_cached(cache, model, jobs, device=device, progress=update)
+        if not measured.measured:
+            err_console.print(f"[green]✓[/] bpb {label} extension: {checkpoint} was measured on these texts already "
+                              "(eval cache)", highlight=False, soft_wrap=True)
+        figures[label] = {lang: r.bpb for lang, r in measured.evals.items()}
+        model.release()
+    drift = {lang: figures["after"][lang] - figures["before"][lang] for lang in texts}
+    generation.expansion.metrics.update(bpb_before_extension=figures["before"], bpb_after_extension=figures["after"],
+                                        bpb_drift=drift, bpb_drift_max=max(abs(d) for d in drift.values()),
+                                        drift_tokens=max_tokens, drift_dtype=dtype)
+    table = Table(title=f"earlier languages right after opening G{generation.index} (bits per byte)", title_justify="left")
+    for column in ("language", "before", "after", "Δ"):
+        table.add_column(column, justify="left" if column == "language" else "right")
+    for lang in texts:
+        table.add_row(lang, f"{figures['before'][lang]:.4f}", f"{figures['after'][lang]:.4f}", f"{drift[lang]:+.2e}")
+    console.print(table)
+    return drift
