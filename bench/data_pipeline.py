@@ -172,10 +172,10 @@ def resident_bytes(path: Path) -> int | None:
 def job_prepare(a: dict) -> dict:
     from transformers import AutoTokenizer
 
-    from layermoe.data import Selection, Source, prepare
+    from layermoe.data import DataSelection, Source, prepare
 
     tok = AutoTokenizer.from_pretrained(a["tokenizer"])
-    selection = Selection(stage=1, tokens_per_language=a.get("budget"))
+    selection = DataSelection(stage=1, tokens_per_language=a.get("budget"))
     cpu_main, cpu_workers, start = _cpu_s(resource.RUSAGE_SELF), _cpu_s(resource.RUSAGE_CHILDREN), time.perf_counter()
     with _PssSampler() as pss:
         prepared = prepare({"en": Source("en", a["corpus"])}, GENS, 1, selection, tok, a["root"], num_proc=a["num_proc"],
@@ -202,7 +202,8 @@ def job_first_step(a: dict) -> dict:
 
     torch.set_num_threads(1)
     from layermoe.data import PackedData, block_indices, open_prepared
-    from layermoe.training import TrainConfig, train_stage
+    from layermoe.training.config import TrainConfig
+    from layermoe.training.loop import train_stage
 
     called = time.time()
     data = PackedData(open_prepared(a["prepared"]), 1024, 0)  # what train_stage does with the data, alone

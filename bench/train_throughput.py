@@ -49,7 +49,7 @@ def build_layermoe(shape: dict, dtype, device):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from layermoe.modeling import upcycle
-    from layermoe.training import freeze_for_stage
+    from layermoe.training.loop import freeze_for_stage
 
     config = Qwen2Config(**_shape_kwargs(shape), max_position_embeddings=max(2048, shape["seq"]), tie_word_embeddings=False)
     with torch.device(device):

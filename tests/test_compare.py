@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from layermoe.cli import app
 from layermoe.core.workdir import Workdir
-from layermoe.pipeline.compare import CompareSpec, expert_budgets, plan_variants, round_half_up
+from layermoe.pipeline.compare.plan import CompareSpec, expert_budgets, plan_variants, round_half_up
 from layermoe.testing import make_tiny_model
 
 runner = CliRunner()
@@ -182,7 +182,8 @@ def test_recipe_may_not_set_the_budget_itself(tmp_path):
 
 def test_dense_model_refuses_stage_2(tmp_path):
     from layermoe.core.errors import LayermoeError
-    from layermoe.training import TrainConfig, train_stage
+    from layermoe.training.config import TrainConfig
+    from layermoe.training.loop import train_stage
 
     tiny = make_tiny_model(tmp_path / "tiny", "llama", num_layers=2)
     with pytest.raises(LayermoeError, match="is a dense model: it has no router, so only stage 1"):
@@ -207,8 +208,8 @@ def test_budgets_plan_one_layermoe_per_delta():
 def test_table_and_plot_from_a_fixture(tmp_path):
     """_summarise, the markdown and compare.png from recorded figures: no model, no training."""
     from layermoe.core.manifest import Generation, Manifest
-    from layermoe.pipeline.compare import _summarise, compare_markdown
-    from layermoe.profiling.plots import compare_points, plot_compare
+    from layermoe.pipeline.compare.render import compare_markdown, compare_points, plot_compare
+    from layermoe.pipeline.compare.render import summarise as _summarise
 
     def manifest(strategy, per_layer, steps, mapping=None):
         g1 = Generation(index=1, old_languages=["en"], new_languages=["el", "hu"])

@@ -214,7 +214,7 @@ def test_fsdp2_with_one_process_equals_a_plain_run(tmp_path, device):
     from test_training import GENS, REPO, _corpus, _env, _expanded, _free_port, _small_config
     from test_training import _weights as weights_of
 
-    from layermoe.training import train_stage
+    from layermoe.training.loop import train_stage
 
     expanded = _expanded(tmp_path, hidden_size=64, intermediate_size=128)
     train, _ = _corpus(40)

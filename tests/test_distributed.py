@@ -16,15 +16,18 @@ from test_training import GENS, REPO, _corpus, _env, _expanded, _free_port, _sma
 from typer.testing import CliRunner
 
 from layermoe.core.errors import LayermoeError
-from layermoe.training import FrozenWeightsChanged, TrainConfig, distributed, train_stage
-from layermoe.training.checkpoint import frozen_checksums, latest_checkpoint, verify_frozen
+from layermoe.training import distributed
+from layermoe.training.checkpoint import FrozenWeightsChanged, frozen_checksums, latest_checkpoint, verify_frozen
+from layermoe.training.config import TrainConfig
+from layermoe.training.loop import train_stage
 
 _LAUNCHED_RUN = """
 import json, os, signal, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from layermoe.training import TrainConfig, train_stage
+from layermoe.training.config import TrainConfig
+from layermoe.training.loop import train_stage
 a = json.loads(Path(sys.argv[1]).read_text())
 kill_at = int(os.environ.get("KILL_AT_STEP", "0"))
 def on_step(record):  # the main process only

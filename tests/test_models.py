@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from layermoe.modeling import base as models
 from layermoe.core.errors import LayermoeError
+from layermoe.modeling import base as models
 from layermoe.modeling.base import (
     SUPPORTED_MODEL_TYPES,
     ModelSource,

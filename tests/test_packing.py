@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from layermoe.core.errors import LayermoeError
-from layermoe.data import PackedData, Selection, Source, block_indices, builtin_corpus_path, load_texts, prepare
+from layermoe.data import DataSelection, PackedData, Source, block_indices, builtin_corpus_path, load_texts, prepare
 from layermoe.data.tokenize import id_dtype
 from layermoe.testing import make_tiny_tokenizer
 
@@ -98,7 +98,7 @@ def as_triples(data: PackedData) -> np.ndarray:
 
 
 def test_stage1_every_document_equals_the_reference(tmp_path, tok, files):
-    prepared = prepare(files, GENS, 1, Selection(stage=1, seed=7), tok, tmp_path / "prep", num_proc=2, chunk_bytes=512,
+    prepared = prepare(files, GENS, 1, DataSelection(stage=1, seed=7), tok, tmp_path / "prep", num_proc=2, chunk_bytes=512,
                        show_progress=False)
     expected = {lang: reference_ids(tok, load_texts(lang, files[lang].spec, "train")) for lang in ("el", "hu")}
     assert prepared.languages == ["el", "hu"]
@@ -113,7 +113,7 @@ def test_stage1_every_document_equals_the_reference(tmp_path, tok, files):
 
 
 def test_stage2_budgets_choose_what_the_reference_chooses_and_stop_reading(tmp_path, tok, files):
-    selection = Selection(stage=2, seed=3, docs_per_new_language=40, tokens_per_old_language=700, shuffle_buffer=16)
+    selection = DataSelection(stage=2, seed=3, docs_per_new_language=40, tokens_per_old_language=700, shuffle_buffer=16)
     prepared = prepare(files, GENS, 1, selection, tok, tmp_path / "prep", num_proc=1, chunk_bytes=256, show_progress=False)
     expected = {}
     for lang in ("el", "hu"):
@@ -133,7 +133,7 @@ def test_stage2_budgets_choose_what_the_reference_chooses_and_stop_reading(tmp_p
 
 def test_a_budget_is_deterministic_for_a_seed(tmp_path, tok, files):
     def chosen(seed, root):
-        prepared = prepare({"el": files["el"]}, GENS, 1, Selection(stage=1, seed=seed, tokens_per_language=2000,
+        prepared = prepare({"el": files["el"]}, GENS, 1, DataSelection(stage=1, seed=seed, tokens_per_language=2000,
                                                                    shuffle_buffer=32), tok, root, num_proc=1,
                            show_progress=False)
         return prepared.tokens.tobytes()
@@ -155,12 +155,12 @@ def test_ids_are_uint16_up_to_65536_entries_and_uint32_above(tmp_path, tok):
             return self.n
 
     assert id_dtype(Sized(65_536)) == np.uint16 and id_dtype(Sized(65_537)) == np.uint32
-    prepared = prepare({"el": Source("el", texts=["καλημέρα"])}, GENS, 1, Selection(stage=1), tok, tmp_path / "a",
+    prepared = prepare({"el": Source("el", texts=["καλημέρα"])}, GENS, 1, DataSelection(stage=1), tok, tmp_path / "a",
                        num_proc=1, show_progress=False)
     assert prepared.meta["dtype"] == "uint16" and prepared.tokens.dtype == np.uint16
     big = make_tiny_tokenizer()
     big.add_tokens([f"<x{i}>" for i in range(65_100)])
-    prepared = prepare({"el": Source("el", texts=["a <x65099> b"])}, GENS, 1, Selection(stage=1), big, tmp_path / "b",
+    prepared = prepare({"el": Source("el", texts=["a <x65099> b"])}, GENS, 1, DataSelection(stage=1), big, tmp_path / "b",
                        num_proc=1, show_progress=False)
     assert prepared.meta["dtype"] == "uint32"
     assert prepared.tokens.tolist() == reference_ids(big, ["a <x65099> b"])[0]
@@ -173,12 +173,12 @@ def test_ids_are_uint16_up_to_65536_entries_and_uint32_above(tmp_path, tok):
 
 def test_unknown_or_too_new_generations_are_refused(tmp_path, tok):
     with pytest.raises(LayermoeError, match=r"^no generation given for language\(s\) xx; add them to generation_of_language$"):
-        prepare({"xx": Source("xx", texts=["a"])}, {}, 1, Selection(stage=1), tok, tmp_path)
+        prepare({"xx": Source("xx", texts=["a"])}, {}, 1, DataSelection(stage=1), tok, tmp_path)
     with pytest.raises(LayermoeError, match=r"belong to a generation after the current one \(1\)"):
         prepare({"bn": Source("bn", texts=["a"]), "el": Source("el", texts=["b"])}, {"bn": 2, "el": 1}, 1,
-                Selection(stage=1), tok, tmp_path)
+                DataSelection(stage=1), tok, tmp_path)
     with pytest.raises(LayermoeError, match=r"^no training text for any language of generation 1"):
-        prepare({"en": Source("en", texts=["a"])}, {"en": 0}, 1, Selection(stage=2), tok, tmp_path)
+        prepare({"en": Source("en", texts=["a"])}, {"en": 0}, 1, DataSelection(stage=2), tok, tmp_path)
 
 
 def test_block_indices_visit_every_block_once_per_epoch_and_resume_exactly():

@@ -483,10 +483,11 @@ def _two_generations(tmp_path):
 
 def test_g2_classifiers_go_to_the_most_similar_moe_layers_of_the_extended_model(tmp_path):
     from layermoe.pipeline.allocate import allocate_generation
+    from layermoe.pipeline.options import AllocateOptions
 
     workdir, manifest = _two_generations(tmp_path)
     g2 = manifest.generations[2]
-    allocate_generation(workdir, manifest, g2, budget=6, classifier_layers=2)
+    allocate_generation(workdir, manifest, g2, AllocateOptions(budget=6, classifier_layers=2))
     assert g2.allocation.new_experts_per_layer == [0, 1, 0, 1]
     # every layer is MoE after G2 (0 and 2 from G1): the two most similar get the classifiers
     assert g2.allocation.classifier_layers == [0, 2]
@@ -494,12 +495,13 @@ def test_g2_classifiers_go_to_the_most_similar_moe_layers_of_the_extended_model(
 
 def test_uniform_allocation_has_no_classifier_unless_asked(tmp_path):
     from layermoe.pipeline.allocate import allocate_generation
+    from layermoe.pipeline.options import AllocateOptions
 
     workdir, manifest = _two_generations(tmp_path)
     g2 = manifest.generations[2]
-    allocate_generation(workdir, manifest, g2, budget=8, strategy="uniform")
+    allocate_generation(workdir, manifest, g2, AllocateOptions(budget=8, strategy="uniform"))
     assert g2.allocation.classifier_layers == []  # the MoE-LPR baseline routes by LPR alone
-    allocate_generation(workdir, manifest, g2, budget=8, strategy="uniform", classifier_layers=1, force=True)
+    allocate_generation(workdir, manifest, g2, AllocateOptions(budget=8, strategy="uniform", classifier_layers=1, force=True))
     assert g2.allocation.classifier_layers == [0]
 
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from layermoe.cli import app
 from layermoe.core.manifest import StepStatus
 from layermoe.core.workdir import Workdir
-from layermoe.data import Selection, Source, builtin_corpus_path, prepare
+from layermoe.data import DataSelection, Source, builtin_corpus_path, prepare
 from layermoe.data.split import _unit_hash
 from layermoe.testing import make_tiny_model, make_tiny_tokenizer
 
@@ -157,14 +157,14 @@ def test_two_process_ddp_trains_from_prepared_data_without_tokenising_again(work
 
 _PREPARE = """
 import json, os, signal, sys
-from layermoe.data import Selection, Source, prepare
+from layermoe.data import DataSelection, Source, prepare
 from layermoe.testing import make_tiny_tokenizer
 a = json.loads(open(sys.argv[1]).read())
 def on_progress(language, stats):
     if language == os.environ.get("KILL_IN") and stats["documents_read"] >= 150:
         os.kill(os.getpid(), signal.SIGKILL)
 sources = {lang: Source(lang, spec) for lang, spec in a["sources"].items()}
-prepare(sources, a["gens"], 1, Selection(stage=1, seed=4), make_tiny_tokenizer(), a["root"], num_proc=2,
+prepare(sources, a["gens"], 1, DataSelection(stage=1, seed=4), make_tiny_tokenizer(), a["root"], num_proc=2,
         chunk_bytes=1024, on_progress=on_progress, show_progress=False)
 """
 
@@ -202,7 +202,7 @@ def test_sigkill_during_prepare_then_prepare_again_equals_an_uninterrupted_run(t
 
     again = subprocess.run([sys.executable, str(script), str(args)], env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
-    reference = prepare({lang: Source(lang, spec) for lang, spec in sources.items()}, gens, 1, Selection(stage=1, seed=4),
+    reference = prepare({lang: Source(lang, spec) for lang, spec in sources.items()}, gens, 1, DataSelection(stage=1, seed=4),
                         make_tiny_tokenizer(), tmp_path / "reference", num_proc=1, show_progress=False)
     resumed = tmp_path / "prep" / reference.path.name
     assert sorted(p.name for p in (tmp_path / "prep").iterdir()) == [".lock", reference.path.name]
@@ -274,7 +274,7 @@ def test_without_a_terminal_progress_is_a_plain_line(tmp_path, monkeypatch):
     log = io.StringIO()
     plain = Console(file=log, width=300)  # a file, not a terminal
     assert not plain.is_terminal
-    prepare({"el": Source("el", texts=["ένα", "δύο", "τρία"])}, {"el": 1}, 1, Selection(stage=1), make_tiny_tokenizer(),
+    prepare({"el": Source("el", texts=["ένα", "δύο", "τρία"])}, {"el": 1}, 1, DataSelection(stage=1), make_tiny_tokenizer(),
             tmp_path / "prep", num_proc=1, console=plain)
     lines = log.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].startswith("prepare el (1 process): 3 documents")  # LOG_EVERY_S = 0: every chunk

@@ -14,8 +14,15 @@ import torch
 from layermoe.data import builtin_corpus_path
 from layermoe.modeling import add_generation, load_layermoe, save_layermoe, upcycle
 from layermoe.testing import make_tiny_model
-from layermoe.training import FrozenWeightsChanged, TrainConfig, freeze_for_stage, train_stage
-from layermoe.training.checkpoint import checkpoint_dirs, latest_checkpoint, prepare_staging, publish
+from layermoe.training.checkpoint import (
+    FrozenWeightsChanged,
+    checkpoint_dirs,
+    latest_checkpoint,
+    prepare_staging,
+    publish,
+)
+from layermoe.training.config import TrainConfig
+from layermoe.training.loop import freeze_for_stage, train_stage
 
 REPO = Path(__file__).resolve().parents[1]
 GENS = {"en": 0, "el": 1}
@@ -173,7 +180,8 @@ import json, os, signal, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from layermoe.training import TrainConfig, train_stage
+from layermoe.training.config import TrainConfig
+from layermoe.training.loop import train_stage
 a = json.loads(Path(sys.argv[1]).read_text())
 kill_at = int(os.environ.get("KILL_AT_STEP", "0"))
 def on_step(record):

@@ -25,6 +25,7 @@ from rich.progress import (
 )
 
 from layermoe.core.console import err_console
+from layermoe.core.numbers import human, human_bytes
 
 LOG_EVERY_S = 30.0
 
@@ -42,24 +43,6 @@ class Throttle:
             self.last = now
             return True
         return False
-
-
-def human(n: float) -> str:
-    """1234 -> '1,234'; 12_345_678 -> '12.3M'."""
-    if abs(n) >= 1e9:
-        return f"{n / 1e9:.2f}B"
-    if abs(n) >= 1e7:
-        return f"{n / 1e6:.1f}M"
-    return f"{n:,.0f}"
-
-
-def human_bytes(n: float) -> str:
-    """1234 -> '1.2 kB' (powers of 1000, as disk sizes are sold)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 @dataclass

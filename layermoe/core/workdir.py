@@ -87,7 +87,7 @@ NEARLY_FULL_BYTES = 64 * 2**20
 
 def disk_full_message(root: Path, error: BaseException) -> str | None:
     """One line for an error that a full disk under `root` caused, or None for any other error."""
-    from layermoe.core.progress import human_bytes
+    from layermoe.core.numbers import human_bytes
 
     probe = next((p for p in (Path(root), *Path(root).parents) if p.exists()), Path("/"))
     try:

@@ -3,7 +3,9 @@
     sources.py    `--data LANG=SPEC` (txt, jsonl/json, parquet, directories, hf:, builtin),
                   read as a stream of chunks; `load_documents` / `load_texts` for profile and eval
     split.py      the hash-based held-out split (5%) and its at-least-one-each fix-up
+    languages.py  ISO 639 codes and scripts of `--old`/`--new`
     tokenize.py   parse + split + tokenise chunks on every core (ordered, bounded)
+    selection.py  `DataSelection`: which documents a stage reads (budgets, replay), torch-free
     prepare.py    a training stage's data: budgets, seeded shuffle buffer, cache key, atomic
                   publication, resume after a kill (`layermoe prepare`)
     packing.py    the prepared data memory-mapped as fixed-length blocks with per-token labels
@@ -13,8 +15,6 @@ Training, `profile` and `eval` all read through this package.
 
 from layermoe.data.packing import IGNORE, PackedData, PreparedData, block_indices, open_prepared
 from layermoe.data.prepare import (
-    SELECTION_FIELDS,
-    Selection,
     is_prepared,
     prepare,
     prepare_or_wait,
@@ -22,6 +22,7 @@ from layermoe.data.prepare import (
     stage_languages,
     wait_for_prepared,
 )
+from layermoe.data.selection import SELECTION_FIELDS, DataSelection
 from layermoe.data.sources import (
     STREAMING_THRESHOLD_BYTES,
     Source,
@@ -42,8 +43,8 @@ __all__ = [
     "PackedData",
     "PreparedData",
     "SELECTION_FIELDS",
+    "DataSelection",
     "STREAMING_THRESHOLD_BYTES",
-    "Selection",
     "Source",
     "block_indices",
     "builtin_corpus_path",

@@ -6,7 +6,7 @@ processes, and appends the ids to one flat file; then it draws the packing order
 the directory visible under its cache key. Training only memory-maps the result
 (`packing.PackedData`).
 
-Which documents a stage uses (`Selection`):
+Which documents a stage uses (`DataSelection`):
 - stage 1: the current generation's (new) languages; stage 2: those plus a replay of every
   earlier generation's (old) languages;
 - without a budget, every training-side document of the language, in source order;
@@ -40,16 +40,16 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 from rich.markup import escape
 
 from layermoe.core.errors import LayermoeError
-from layermoe.core.progress import RateProgress, Throttle, human
+from layermoe.core.numbers import human
+from layermoe.core.progress import RateProgress, Throttle
 from layermoe.core.workdir import fsync_path
 from layermoe.data.packing import FORMAT_VERSION, PreparedData, open_prepared
+from layermoe.data.selection import DataSelection
 from layermoe.data.sources import (
     CHUNK_BYTES,
     Source,
@@ -59,42 +59,9 @@ from layermoe.data.sources import (
     source_identity,
     split_rule,
 )
-from layermoe.data.split import HELDOUT_FRACTION
 from layermoe.data.tokenize import Task, TokenizerPool, id_dtype, tokenizer_fingerprint, usable_cores
 
-SHUFFLE_BUFFER = 10_000  # documents
-SELECTION_FIELDS = ("seed", "tokens_per_language", "docs_per_new_language", "tokens_per_old_language",
-                    "docs_per_old_language", "replay_ratio")
 _WRITE_TOKENS = 1 << 20  # a budgeted language writes its chosen documents in pieces of about this many tokens
-
-
-class Selection(BaseModel):
-    """Which documents a stage trains on: the data part of `TrainConfig` (same field names)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    stage: Literal[1, 2]
-    seed: int = 0
-    tokens_per_language: int | None = Field(None, gt=0)  # new languages
-    docs_per_new_language: int | None = Field(None, gt=0)
-    tokens_per_old_language: int | None = Field(None, gt=0)  # stage 2 replay
-    docs_per_old_language: int | None = Field(None, gt=0)
-    replay_ratio: float = Field(0.5, ge=0)
-    shuffle_buffer: int = Field(SHUFFLE_BUFFER, gt=0)
-    heldout_fraction: float = Field(HELDOUT_FRACTION, gt=0, lt=1)
-
-    @classmethod
-    def of(cls, config, **extra) -> "Selection":
-        """From a `TrainConfig` (or anything with its field names)."""
-        return cls(stage=config.stage, **{name: getattr(config, name) for name in SELECTION_FIELDS}, **extra)
-
-    def key_fields(self) -> dict:
-        """The settings that decide the data (stage 1 has no replay)."""
-        fields = self.model_dump(mode="json")
-        if self.stage == 1:
-            for name in ("tokens_per_old_language", "docs_per_old_language", "replay_ratio"):
-                fields.pop(name)
-        return fields
 
 
 @dataclass(frozen=True)
@@ -171,7 +138,7 @@ class ShuffleBuffer:
 
 
 def prepared_key(sources: Mapping[str, Source], generation_of_language: Mapping[str, int], current_generation: int,
-                 selection: Selection, tokenizer) -> str:
+                 selection: DataSelection, tokenizer) -> str:
     new, old = stage_languages(sources, generation_of_language, current_generation, selection.stage)
     payload = {
         "format": FORMAT_VERSION,
@@ -255,7 +222,7 @@ class _Lock:
 # --------------------------------------------------------------------------- one language
 
 
-def _budget(lang: str, new: list[str], selection: Selection, done: list[dict]) -> Budget:
+def _budget(lang: str, new: list[str], selection: DataSelection, done: list[dict]) -> Budget:
     if lang in new:
         return Budget(selection.docs_per_new_language, selection.tokens_per_language)
     documents = selection.docs_per_old_language
@@ -265,7 +232,7 @@ def _budget(lang: str, new: list[str], selection: Selection, done: list[dict]) -
     return Budget(documents, selection.tokens_per_old_language)
 
 
-def _prepare_language(source: Source, generation: int, budget: Budget, selection: Selection, partial: _Partial,
+def _prepare_language(source: Source, generation: int, budget: Budget, selection: DataSelection, partial: _Partial,
                       tokenizer, num_proc: int, progress: RateProgress, chunk_bytes: int, on_progress) -> dict:
     lang = source.language
     stats = {"language": lang, "generation": generation, "documents": 0, "tokens": 0, "documents_read": 0,
@@ -355,7 +322,7 @@ def _language_note(stats: dict, budget: Budget) -> str:
 
 
 def prepare(sources: Mapping[str, Source], generation_of_language: Mapping[str, int], current_generation: int,
-            selection: Selection, tokenizer, root: str | Path, *, num_proc: int | None = None, console=None,
+            selection: DataSelection, tokenizer, root: str | Path, *, num_proc: int | None = None, console=None,
             show_progress: bool = True, chunk_bytes: int = CHUNK_BYTES, on_progress=None) -> PreparedData:
     """Prepare (or find) a stage's data under `root/<key>/` and return it memory-mapped.
 
@@ -402,7 +369,7 @@ def prepare(sources: Mapping[str, Source], generation_of_language: Mapping[str, 
     return open_prepared(final)
 
 
-def _finish(partial: _Partial, final: Path, selection: Selection, generation_of_language, current_generation,
+def _finish(partial: _Partial, final: Path, selection: DataSelection, generation_of_language, current_generation,
             tokenizer, sources, notes) -> None:
     """Write lengths, packing order and meta into the partial directory, then rename it into place."""
     path = partial.path
@@ -466,7 +433,7 @@ def wait_for_prepared(path: str | Path, console=None, poll_s: float = 1.0) -> Pr
 
 
 def prepare_or_wait(sources: Mapping[str, Source], generation_of_language: Mapping[str, int], current_generation: int,
-                    selection: Selection, tokenizer, root: str | Path, **kwargs) -> PreparedData:
+                    selection: DataSelection, tokenizer, root: str | Path, **kwargs) -> PreparedData:
     """`prepare` on each machine's first process; the others wait for its result on disk."""
     if local_rank() == 0:
         return prepare(sources, generation_of_language, current_generation, selection, tokenizer, root, **kwargs)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from layermoe.core.numbers import signed
+from layermoe.core.plotting import pyplot, save_figure
 from layermoe.evaluation.groups import forgetting_and_gain, group_averages
 
 REPORT_NAME = "report.md"
@@ -63,10 +65,6 @@ def bpb_of(generation: dict) -> dict[str, float]:
 
 def _num(value, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _signed(value, digits: int = 4) -> str:
-    return "—" if value is None else f"{value:+.{digits}f}"
 
 
 def _count(value) -> str:
@@ -212,7 +210,7 @@ def _bpb(manifest: dict, workdir: Path) -> list[str]:
     for lang in languages:
         row = [lang, f"G{generation[lang]}" if lang in generation else "?", *[_num(figures.get(lang)) for _, figures, _ in columns]]
         if len(header) > len(row):
-            row.append(_signed(latest[lang] - base[lang]) if lang in latest and lang in base else "—")
+            row.append(signed(latest[lang] - base[lang]) if lang in latest and lang in base else "—")
         rows.append(row)
     for g in sorted({generation[l] for l in languages if l in generation}):
         row = [f"**mean G{g}**", ""]
@@ -254,7 +252,7 @@ def _test_sets(manifest: dict) -> list[str]:
                _count(facts.get("documents")), _count(facts.get("tokens")),
                *[_num((sets.get(name) or {}).get("bpb")) for _, sets, _ in columns]]
         if len(header) > len(row):
-            row.append(_signed(latest[name]["bpb"] - base[name]["bpb"]) if name in latest and name in base else "—")
+            row.append(signed(latest[name]["bpb"] - base[name]["bpb"]) if name in latest and name in base else "—")
         rows.append(row)
     lines = ["## Your test sets (bits per byte, lower is better)", "",
              "Each `eval --data LANG=SPEC`, evaluated in full (no token cap); transfer = a language no generation learned.", ""]
@@ -278,9 +276,9 @@ def _forgetting(manifest: dict, generation: dict[str, int], base: dict[str, floa
             _name(index),
             f"{_num(base_averages['old_avg'])} → {_num(averages['old_avg'])}",
             f"{_num(base_averages['new_avg'])} → {_num(averages['new_avg'])}",
-            _signed(change["forgetting"]),
-            _signed(step["forgetting"]),
-            _signed(change["gain"]),
+            signed(change["forgetting"]),
+            signed(step["forgetting"]),
+            signed(change["gain"]),
         ])
         previous = known
     if not rows:
@@ -307,7 +305,7 @@ def _extension_drift(manifest: dict) -> list[str]:
         before, after = metrics.get("bpb_before_extension", {}), metrics.get("bpb_after_extension", {})
         lines += [f"**{_name(g['index'])}** (router_init {(_step(g, 'expansion').get('config') or {}).get('router_init') or 'expert0'})", ""]
         lines += _table(["Language", "Before", "After", "Δ"],
-                        [[lang, _num(before.get(lang)), _num(after.get(lang)), _signed(d)] for lang, d in drift.items()])
+                        [[lang, _num(before.get(lang)), _num(after.get(lang)), signed(d)] for lang, d in drift.items()])
     return lines
 
 
@@ -394,11 +392,9 @@ def plot_bpb(manifest: dict, path: Path) -> bool:
     columns = _bpb_columns(manifest)
     if not columns:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     generation = generation_of_language(manifest)
     languages = sorted({lang for _, figures, _ in columns for lang in figures}, key=lambda l: (generation.get(l, 1 << 30), l))
@@ -412,9 +408,7 @@ def plot_bpb(manifest: dict, path: Path) -> bool:
     ax.set_ylabel("bits per UTF-8 byte (lower is better)")
     ax.set_title("Held-out bits per byte per language")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return True
 
 

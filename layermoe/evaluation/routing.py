@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from layermoe.core.errors import LayermoeError
+from layermoe.core.plotting import pyplot, save_figure
 from layermoe.evaluation.bpb import model_device, pad_id_of
 from layermoe.evaluation.groups import generation_of
 from layermoe.evaluation.windows import batches, default_max_length, pad_batch, score_plan
@@ -343,12 +344,10 @@ def summarise_routing(parts: dict[str, LanguageRouting], generation_of_language:
 
 def plot_routing(routing: dict, path) -> None:
     """routing.png from a RoutingHealth dict: expert-0 share per layer, and the load heatmap."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
     import numpy as np
+
+    plt = pyplot()
 
     layers = routing.get("layers") or []
     if not layers:
@@ -381,6 +380,4 @@ def plot_routing(routing: dict, path) -> None:
     right.set_ylabel("expert (0 = original FFN)")
     right.set_title("Load: fraction of top-k slots")
     fig.colorbar(image, ax=right)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -8,6 +8,7 @@ from layermoe.core.console import console, err_console
 from layermoe.core.errors import LayermoeError
 from layermoe.core.manifest import Generation, Manifest, StepStatus
 from layermoe.core.workdir import Workdir, run_step, session
+from layermoe.pipeline.options import AllocateOptions
 
 
 def resolve_budget(budget: int | None, new_experts: int | None, num_layers: int) -> int:
@@ -17,15 +18,11 @@ def resolve_budget(budget: int | None, new_experts: int | None, num_layers: int)
     return budget if budget is not None else new_experts + num_layers
 
 
-def run_allocate(workdir: Workdir, *, budget, new_experts, strategy, classifier_layers, rounding, max_per_layer, seed,
-                 force, neuron_mapping="proportional", min_experts=None, max_experts=None) -> None:
+def run_allocate(workdir: Workdir, options: AllocateOptions) -> None:
+    """`layermoe allocate`: the allocation of the current generation."""
     with session(workdir):
         manifest = workdir.load()
-        generation = manifest.current
-        allocate_generation(workdir, manifest, generation, budget=budget, new_experts=new_experts, strategy=strategy,
-                            classifier_layers=classifier_layers, rounding=rounding, max_per_layer=max_per_layer,
-                            seed=seed, force=force, neuron_mapping=neuron_mapping, min_experts=min_experts,
-                            max_experts=max_experts)
+        allocate_generation(workdir, manifest, manifest.current, options)
 
 
 def check_neuron_settings(strategy, neuron_mapping, min_experts, max_experts, budget, new_experts, rounding,
@@ -54,9 +51,11 @@ def check_neuron_settings(strategy, neuron_mapping, min_experts, max_experts, bu
     return low, high
 
 
-def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Generation, *, budget=None, new_experts=None,
-                        strategy="layerwise", classifier_layers=None, rounding="exact", max_per_layer=None, seed=0,
-                        force=False, neuron_mapping="proportional", min_experts=None, max_experts=None) -> None:
+def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Generation, options: AllocateOptions) -> None:
+    budget, new_experts, strategy = options.budget, options.new_experts, options.strategy
+    classifier_layers, rounding, max_per_layer = options.classifier_layers, options.rounding, options.max_per_layer
+    seed, force, neuron_mapping = options.seed, options.force, options.neuron_mapping
+    min_experts, max_experts = options.min_experts, options.max_experts
     from layermoe.allocation import strategies as alloc
 
     num_layers = manifest.base_model.num_layers

@@ -31,18 +31,14 @@ from layermoe.pipeline.common import (
     verify_checkpoint,
 )
 from layermoe.pipeline.eval_cache import EvalCache, EvalJob, Measured, ModelUnderTest, from_cache, measure_cached
+from layermoe.pipeline.options import EvalOptions
 
 
-def run_eval(workdir: Workdir, *, langs, model="current", max_tokens=None, tasks=(), num_fewshot=None, limit=None,
-             device="auto", as_json=False, force=False, include_path=None, data=(), text_field="text", dtype="auto",
-             batch_size="1") -> None:
+def run_eval(workdir: Workdir, options: EvalOptions) -> None:
+    """`layermoe eval`: measure the current generation's model (or the one --model names)."""
     with session(workdir):
         manifest = workdir.load()
-        generation = manifest.current
-        evaluate_generation(workdir, manifest, generation, langs=langs, model=model, max_tokens=max_tokens, tasks=tasks,
-                            num_fewshot=num_fewshot, limit=limit, device=device, as_json=as_json, force=force,
-                            include_path=include_path, data=data, text_field=text_field, dtype=dtype,
-                            batch_size=batch_size)
+        evaluate_generation(workdir, manifest, manifest.current, options)
 
 
 # ---------------------------------------------------------------------------- what to measure
@@ -127,11 +123,13 @@ def _target(workdir: Workdir, manifest: Manifest, generation: Generation, model:
 # ---------------------------------------------------------------------------- the step
 
 
-def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Generation, *, langs=(), model="current",
-                        max_tokens=None, tasks=(), num_fewshot=None, limit=None, device="auto", as_json=False,
-                        force=False, include_path=None, data=(), text_field="text", dtype="auto", batch_size="1") -> None:
-    """dtype: the models' weights (auto: bfloat16 on CUDA, float32 on CPU); figures are cached per dtype.
-    batch_size: lm-eval's (an integer, `auto` or `auto:N`)."""
+def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Generation, options: EvalOptions) -> None:
+    """Figures are cached per dtype (auto: bfloat16 on CUDA, float32 on CPU); batch_size is lm-eval's
+    (an integer, `auto` or `auto:N`)."""
+    langs, model, max_tokens, tasks = options.langs, options.model, options.max_tokens, options.tasks
+    num_fewshot, limit, device, as_json = options.num_fewshot, options.limit, options.device, options.as_json
+    force, include_path, data, text_field = options.force, options.tasks_path, options.data, options.text_field
+    dtype, batch_size = options.dtype, options.batch_size
     known = manifest.generation_of_language()
     languages = list(langs) or [lang for lang in known if known[lang] <= generation.index]
     unknown = [lang for lang in languages if lang not in known]

@@ -12,9 +12,11 @@ from layermoe.core.console import console, err_console
 from layermoe.core.devices import resolve_device
 from layermoe.core.errors import LayermoeError
 from layermoe.core.manifest import Generation, Manifest, StepStatus
-from layermoe.core.progress import human_bytes
+from layermoe.core.numbers import human_bytes
 from layermoe.core.workdir import Workdir, fsync_path, run_step, session
+from layermoe.pipeline.allocate import allocate_generation
 from layermoe.pipeline.common import load_generation_model, record_checkpoint, texts_for
+from layermoe.pipeline.options import AllocateOptions, ExpandOptions
 
 # Logits of the expanded model must equal the base model's this closely (fp32). Copies of
 # expert 0 mixed with weights that sum to 1 only up to rounding leave ~1 ulp per layer, which
@@ -25,25 +27,24 @@ PRESERVATION_BUG = 1e-3
 CHECKPOINT_DIR = "expanded"
 
 
-def run_expand(workdir: Workdir, *, budget=None, top_k=None, classifier_granularity=None, device="auto", force=False,
-               router_init=None, classifier=None) -> None:
+def run_expand(workdir: Workdir, options: ExpandOptions) -> None:
+    """`layermoe expand`: the expansion of the current generation."""
     with session(workdir):
         manifest = workdir.load()
-        expand_generation(workdir, manifest, manifest.current, budget=budget, top_k=top_k,
-                          classifier_granularity=classifier_granularity, device=device, force=force,
-                          router_init=router_init, classifier=classifier)
+        expand_generation(workdir, manifest, manifest.current, options)
 
 
 DEFAULT_TOP_K = 2
 
 
-def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generation, *, budget=None, top_k=None,
-                      classifier_granularity=None, device="auto", force=False, router_init=None,
-                      classifier=None, expert_init=None) -> None:
+def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generation, options: ExpandOptions) -> None:
     """Expand `generation`. G1 upcycles the base model with `top_k` and `classifier_granularity`;
     G2 and later extend the previous model, whose top-k and granularity they keep (giving others
     is refused), with `router_init`, `classifier` and `expert_init` (default: what this generation
     used before)."""
+    budget, top_k, classifier_granularity = options.budget, options.top_k, options.classifier_granularity
+    router_init, classifier, expert_init = options.router_init, options.classifier, options.expert_init
+    device, force = options.device, options.force
     if generation.index == 1:
         top_k = DEFAULT_TOP_K if top_k is None else top_k
         classifier_granularity = classifier_granularity or "token"
@@ -74,10 +75,8 @@ def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generati
         if budget is None:
             raise LayermoeError(f"G{generation.index} has no allocation yet: run `layermoe allocate --budget N` first, "
                                 "or pass --budget to `expand`")
-        from layermoe.pipeline.allocate import allocate_generation
-
         strategy = "layerwise" if generation.profile.status == StepStatus.done else "uniform"
-        allocate_generation(workdir, manifest, generation, budget=budget, strategy=strategy)
+        allocate_generation(workdir, manifest, generation, AllocateOptions(budget=budget, strategy=strategy))
     allocation = generation.allocation
     if len(allocation.experts_per_layer) != manifest.base_model.num_layers:
         raise LayermoeError(f"the allocation has {len(allocation.experts_per_layer)} layers but the model has "

@@ -19,27 +19,19 @@ from layermoe.core.workdir import StepAlreadyDone, Workdir, session
 from layermoe.pipeline.allocate import allocate_generation
 from layermoe.pipeline.common import documents_for_tokens, latest_checkpoint, texts_for
 from layermoe.pipeline.expand import expand_generation
+from layermoe.pipeline.options import ExtendOptions
 from layermoe.pipeline.profile import profile_generation
 
 CLASSIFIER_MODES = ("generation", "binary")
 EXPERT_INITS = ("expert0", "routed")
-# How the router rows of the new experts start (see docs in README: "Extending"): expert 0's row,
-# or with --expert-init routed the row of the expert they copy.
-DEFAULT_ROUTER_INIT = None
 DEFAULT_DRIFT_TOKENS = 20_000  # held-out tokens per earlier language when no eval of the previous model sets the cap
 
 
-def run_extend(workdir: Workdir, *, new, data=(), budget=None, new_experts=None, tokens=100_000, classifier="generation",
-               device="auto", router_init=DEFAULT_ROUTER_INIT, drift_tokens=None, strategy="layerwise",
-               classifier_layers=None, batch_tokens=8192, seed=0, expert_init="expert0", neuron_mapping="proportional",
-               min_experts=None, max_experts=None) -> None:
+def run_extend(workdir: Workdir, options: ExtendOptions) -> None:
+    """`layermoe extend`: open the next generation of the work dir's lineage."""
     with session(workdir):
         manifest = workdir.load()
-        extend_generation(workdir, manifest, new=new, data=data, budget=budget, new_experts=new_experts, tokens=tokens,
-                          classifier=classifier, device=device, router_init=router_init, drift_tokens=drift_tokens,
-                          strategy=strategy, classifier_layers=classifier_layers, batch_tokens=batch_tokens, seed=seed,
-                          expert_init=expert_init, neuron_mapping=neuron_mapping, min_experts=min_experts,
-                          max_experts=max_experts)
+        extend_generation(workdir, manifest, options)
 
 
 def open_generation(manifest: Manifest, new: list[str]) -> Generation:
@@ -68,62 +60,59 @@ def open_generation(manifest: Manifest, new: list[str]) -> Generation:
     return generation
 
 
-def extend_generation(workdir: Workdir, manifest: Manifest, *, new, data=(), budget=None, new_experts=None,
-                      tokens=100_000, classifier="generation", device="auto", router_init=DEFAULT_ROUTER_INIT,
-                      drift_tokens=None, strategy="layerwise", classifier_layers=None, batch_tokens=8192, seed=0,
-                      expert_init="expert0", neuron_mapping="proportional", min_experts=None, max_experts=None,
-                      neuron_top_n=None, neuron_documents=None) -> Generation:
-    _check_arguments(manifest, budget=budget, new_experts=new_experts, tokens=tokens, batch_tokens=batch_tokens,
-                     classifier=classifier, router_init=router_init, drift_tokens=drift_tokens, strategy=strategy,
-                     classifier_layers=classifier_layers, expert_init=expert_init, neuron_mapping=neuron_mapping,
-                     min_experts=min_experts, max_experts=max_experts)
-    neuron_options = {k: v for k, v in dict(neuron_top_n=neuron_top_n, neuron_documents=neuron_documents).items() if v is not None}
-    generation = open_generation(manifest, new)
+def extend_generation(workdir: Workdir, manifest: Manifest, options: ExtendOptions) -> Generation:
+    """Profile, allocate and expand G(n+1) with `options.profile/allocate/expand` (each step skipped when done),
+    then measure the earlier languages' drift."""
+    _check_arguments(manifest, options)
+    generation = open_generation(manifest, options.new)
     if generation.expansion.status == StepStatus.done and "bpb_drift" in generation.expansion.metrics:
-        raise StepAlreadyDone(f"G{generation.index} ({', '.join(new)}) is open already: train it with "
+        raise StepAlreadyDone(f"G{generation.index} ({', '.join(options.new)}) is open already: train it with "
                               "`layermoe train --stage 1`")
-    device = resolve_device(device)
+    device = resolve_device(options.device)
     if generation.profile.status != StepStatus.done:
-        profile_generation(workdir, manifest, generation, data=data, tokens=tokens, batch_tokens=batch_tokens,
-                           device=device, seed=seed, **neuron_options)
+        profile = options.profile.model_copy(update={"data": list(options.data), "device": device})
+        profile_generation(workdir, manifest, generation, profile)
     if generation.allocation.status != StepStatus.done:
-        allocate_generation(workdir, manifest, generation, budget=budget, new_experts=new_experts, strategy=strategy,
-                            classifier_layers=classifier_layers, seed=seed, neuron_mapping=neuron_mapping,
-                            min_experts=min_experts, max_experts=max_experts)
+        allocate_generation(workdir, manifest, generation, options.allocate)
     if generation.expansion.status != StepStatus.done:
-        expand_generation(workdir, manifest, generation, device=device, router_init=router_init, classifier=classifier,
-                          expert_init=expert_init)
-    measure_drift(workdir, manifest, generation, device, drift_tokens)
+        expand_generation(workdir, manifest, generation, options.expand.model_copy(update={"device": device}))
+    measure_drift(workdir, manifest, generation, device, options.drift_tokens)
     workdir.save(manifest)
     return generation
 
 
-def _check_arguments(manifest: Manifest, *, budget, new_experts, tokens, batch_tokens, classifier, router_init, drift_tokens,
-                     strategy, classifier_layers, expert_init, neuron_mapping, min_experts, max_experts) -> None:
+def _check_arguments(manifest: Manifest, options: ExtendOptions) -> None:
     """Every argument of `extend`, checked before the profile (minutes on a real model) starts."""
     from layermoe.allocation import strategies as alloc
     from layermoe.modeling import ROUTER_INITS
     from layermoe.pipeline.allocate import check_neuron_settings, resolve_budget
 
+    allocate, expand = options.allocate, options.expand
+    classifier = expand.classifier or "generation"
+    expert_init = expand.expert_init or "expert0"
     if classifier not in CLASSIFIER_MODES:
         raise LayermoeError(f"unknown classifier mode {classifier!r}: use generation or binary")
     if expert_init not in EXPERT_INITS:
         raise LayermoeError(f"unknown expert init {expert_init!r}: use expert0 or routed")
-    if router_init is not None and router_init not in ROUTER_INITS:
-        raise LayermoeError(f"unknown --router-init {router_init!r}: use {', '.join(ROUTER_INITS[:-1])} or {ROUTER_INITS[-1]}")
-    for option, value in (("--tokens", tokens), ("--batch-tokens", batch_tokens), ("--drift-tokens", drift_tokens)):
+    if expand.router_init is not None and expand.router_init not in ROUTER_INITS:
+        raise LayermoeError(f"unknown --router-init {expand.router_init!r}: use {', '.join(ROUTER_INITS[:-1])} "
+                            f"or {ROUTER_INITS[-1]}")
+    for option, value in (("--tokens", options.profile.tokens), ("--batch-tokens", options.profile.batch_tokens),
+                          ("--drift-tokens", options.drift_tokens)):
         if value is not None and value < 1:
             raise LayermoeError(f"{option} must be positive, not {value}")
+    strategy = allocate.strategy
     if strategy not in alloc.STRATEGIES:
         raise LayermoeError(f"unknown allocation strategy {strategy!r}: choose one of {', '.join(alloc.STRATEGIES)}")
-    check_neuron_settings(strategy, neuron_mapping, min_experts, max_experts, budget, new_experts, "exact", None)
-    linear = strategy == "neuron" and neuron_mapping == "linear"
-    if budget is None and new_experts is None and not linear:
+    check_neuron_settings(strategy, allocate.neuron_mapping, allocate.min_experts, allocate.max_experts,
+                          allocate.budget, allocate.new_experts, "exact", None)
+    linear = strategy == "neuron" and allocate.neuron_mapping == "linear"
+    if allocate.budget is None and allocate.new_experts is None and not linear:
         raise LayermoeError("give --budget (δ, counting expert 0 of every layer) or --new-experts for the new generation")
     num_layers = manifest.base_model.num_layers
     if num_layers and not linear:
-        delta = resolve_budget(budget, new_experts, num_layers)
-        k = alloc.default_classifier_k(num_layers) if classifier_layers is None else classifier_layers
+        delta = resolve_budget(allocate.budget, allocate.new_experts, num_layers)
+        k = alloc.default_classifier_k(num_layers) if allocate.classifier_layers is None else allocate.classifier_layers
         alloc.validate_budget(num_layers, delta, k=k, strategy=strategy)
 
 

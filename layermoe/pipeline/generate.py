@@ -25,6 +25,7 @@ from layermoe.core.workdir import Workdir
 from layermoe.pipeline.common import latest_checkpoint
 from layermoe.pipeline.eval_cache import ModelUnderTest
 from layermoe.pipeline.evaluate import base_under_test, checkpoint_under_test
+from layermoe.pipeline.options import GenerateOptions
 
 MODEL_CHOICES = "base, current, gN (g0 = base) or a model folder / .gguf file"
 
@@ -72,10 +73,10 @@ def model_choice(workdir: Workdir, manifest: Manifest | None, choice: str, dtype
     raise LayermoeError(f"--model {choice}: not {MODEL_CHOICES}")
 
 
-def run_generate(workdir: Workdir, *, prompt: str, model: str = "current", compare: str | None = None,
-                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 device: str = "auto", dtype: str = "auto") -> None:
-    """dtype: the models' weights (auto: bfloat16 on CUDA, float32 on CPU)."""
+def run_generate(workdir: Workdir, options: GenerateOptions) -> None:
+    """`layermoe generate`: dtype is the models' weights (auto: bfloat16 on CUDA, float32 on CPU)."""
+    prompt, model, compare, device, dtype = options.prompt, options.model, options.compare, options.device, options.dtype
+    max_new_tokens, temperature, top_p, seed = options.max_new_tokens, options.temperature, options.top_p, options.seed
     if not prompt.strip():
         raise LayermoeError("--prompt is empty: give the text to continue")
     check_sampling(max_new_tokens, temperature, top_p)

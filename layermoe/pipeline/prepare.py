@@ -19,19 +19,21 @@ from layermoe.core.console import console
 from layermoe.core.errors import LayermoeError
 from layermoe.core.manifest import Generation, Manifest, StepStatus
 from layermoe.core.workdir import StepAlreadyDone, Workdir, require_done, run_step, session
+from layermoe.data.selection import SELECTION_FIELDS
 from layermoe.pipeline.common import resolve_data_spec
+from layermoe.pipeline.options import PrepareOptions
+from layermoe.training.config import TrainConfig, load_train_config
 
 
-def run_prepare(workdir: Workdir, *, stage: int, recipe=None, overrides=None, num_proc=None, force=False) -> None:
-    from layermoe.data import Selection
-    from layermoe.training.config import load_train_config
-
-    config = load_train_config(recipe, stage=stage, **(overrides or {}))
-    if num_proc is not None and num_proc < 1:
+def run_prepare(workdir: Workdir, options: PrepareOptions) -> None:
+    """`layermoe prepare`: the data selection is the recipe's (if any) with the flags over it."""
+    config = load_train_config(options.recipe, stage=options.stage, data=options.data)
+    if options.num_proc is not None and options.num_proc < 1:
         raise LayermoeError("--num-proc must be at least 1")
     with session(workdir):
         manifest = workdir.load()
-        prepare_generation(workdir, manifest, manifest.current, stage, Selection.of(config), num_proc=num_proc, force=force)
+        prepare_generation(workdir, manifest, manifest.current, options.stage, config.data, num_proc=options.num_proc,
+                           force=options.force)
 
 
 def prepared_root(workdir: Workdir) -> Path:
@@ -63,18 +65,19 @@ def stage_key(workdir: Workdir, manifest: Manifest, generation: Generation, sele
     return prepared_key(sources, manifest.generation_of_language(), generation.index, selection, tokenizer)
 
 
-def with_prepared_settings(generation: Generation, stage: int, config):
+def with_prepared_settings(generation: Generation, stage: int, config: TrainConfig) -> TrainConfig:
     """`config` with the data settings of the stage's last prepare, except those given explicitly.
 
     So `layermoe prepare --stage 1 --tokens-per-language N` then `layermoe train --stage 1` trains
     on what was prepared; `train --tokens-per-language M` prepares again with M.
     """
-    from layermoe.data import SELECTION_FIELDS
-
     prepared = (generation.step(f"prepare{stage}").config or {}).get("settings") or {}
-    explicit = config.model_fields_set
+    explicit = config.explicit_data_settings()
     update = {name: prepared[name] for name in SELECTION_FIELDS if name in prepared and name not in explicit}
-    return config.model_copy(update=update) if update else config
+    if not update:
+        return config
+    run = {"seed": update["seed"]} if "seed" in update else {}  # the run's seed follows the data's, as it set it
+    return config.model_copy(update={**run, "data": config.data.model_copy(update=update)})
 
 
 def prepare_generation(workdir: Workdir, manifest: Manifest, generation: Generation, stage: int, selection, *,
@@ -124,16 +127,15 @@ def _drop_unused(workdir: Workdir, manifest: Manifest, stored: str) -> None:
 def ensure_prepared(workdir: Workdir, manifest: Manifest, generation: Generation, stage: int, config, *,
                     num_proc: int | None = None) -> tuple[Path, bool]:
     """(the prepared directory `train` reads, whether it was prepared just now as the step prepare<stage>)."""
-    from layermoe.data import Selection
 
     try:
-        return prepare_generation(workdir, manifest, generation, stage, Selection.of(config), num_proc=num_proc), True
+        return prepare_generation(workdir, manifest, generation, stage, config.data, num_proc=num_proc), True
     except StepAlreadyDone:
         return workdir.resolve(generation.step(f"prepare{stage}").data_dir), False
 
 
 def prepared_table(generation: Generation, stage: int, record) -> Table:
-    from layermoe.core.progress import human, human_bytes
+    from layermoe.core.numbers import human, human_bytes
 
     table = Table(title=f"stage {stage} data of G{generation.index}: {record.data_dir}", title_justify="left")
     for column in ("language", "generation", "documents", "tokens", "documents read", "source read"):

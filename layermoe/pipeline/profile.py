@@ -14,7 +14,7 @@ from layermoe.core.manifest import BaseModelRecord, DataSourceRecord, Generation
 from layermoe.core.progress import token_progress
 from layermoe.core.workdir import Workdir, atomic_write_text, run_step, session
 from layermoe.pipeline.common import documents_for_tokens, load_generation_model, texts_for
-from layermoe.profiling.neurons import DEFAULT_DOCUMENTS, DEFAULT_TOP_N
+from layermoe.pipeline.options import ProfileOptions
 
 
 def describe_data(workdir: Workdir, languages: list[str], data_args: list[str], text_field: str,
@@ -127,22 +127,24 @@ def _check_disjoint(old: list[str], new: list[str]) -> None:
         raise LayermoeError(f"{', '.join(both)} is both old and new: a language belongs to one generation")
 
 
-def run_profile(workdir: Workdir, *, model, old, new, data, text_field, tokens, batch_tokens, device, dtype, seed,
-                include_bos, force, neuron_top_n=DEFAULT_TOP_N, neuron_documents=DEFAULT_DOCUMENTS) -> None:
-    if tokens < 1 or batch_tokens < 1:
-        raise LayermoeError("--tokens and --batch-tokens must be positive")
-    _check_neuron_options(neuron_top_n, neuron_documents)
+def run_profile(workdir: Workdir, options: ProfileOptions) -> None:
+    """`layermoe profile`: profile the current generation (a new work dir starts from --model, --old, --new)."""
+    _check_profile_options(options)
     with session(workdir):
         if workdir.has_manifest():
             manifest = workdir.load()
             generation = manifest.current
-            _check_matches(workdir, manifest, generation, model, old, new)
+            _check_matches(workdir, manifest, generation, options.model, options.old, options.new)
         else:
-            manifest = new_manifest(workdir, model, old, new)
+            manifest = new_manifest(workdir, options.model, options.old, options.new)
             generation = manifest.generations[1]
-        profile_generation(workdir, manifest, generation, data=data, text_field=text_field, tokens=tokens,
-                           batch_tokens=batch_tokens, device=device, dtype=dtype, seed=seed, include_bos=include_bos,
-                           force=force, neuron_top_n=neuron_top_n, neuron_documents=neuron_documents)
+        profile_generation(workdir, manifest, generation, options)
+
+
+def _check_profile_options(options: ProfileOptions) -> None:
+    if options.tokens < 1 or options.batch_tokens < 1:
+        raise LayermoeError("--tokens and --batch-tokens must be positive")
+    _check_neuron_options(options.neuron_top_n, options.neuron_documents)
 
 
 def _check_neuron_options(neuron_top_n: int, neuron_documents: int) -> None:
@@ -152,19 +154,18 @@ def _check_neuron_options(neuron_top_n: int, neuron_documents: int) -> None:
         raise LayermoeError(f"--neuron-docs must be at least 1, got {neuron_documents}")
 
 
-def profile_generation(workdir: Workdir, manifest: Manifest, generation: Generation, *, data=(), text_field="text",
-                       tokens=100_000, batch_tokens=8192, device="auto", dtype="auto", seed=0, include_bos=False,
-                       force=False, neuron_top_n=DEFAULT_TOP_N, neuron_documents=DEFAULT_DOCUMENTS) -> None:
-    """Profile one generation inside an open session (the CLI's and the recipe runner's shared body)."""
-    _check_neuron_options(neuron_top_n, neuron_documents)
-    generation.data = describe_data(workdir, generation.languages, list(data), text_field, inherited=generation.data)
-    device = resolve_device(device)
-    config = dict(tokens=tokens, batch_tokens=batch_tokens, device=device, dtype=dtype, seed=seed, include_bos=include_bos,
-                  neuron_top_n=neuron_top_n, neuron_documents=neuron_documents)
+def profile_generation(workdir: Workdir, manifest: Manifest, generation: Generation, options: ProfileOptions) -> None:
+    """Profile one generation inside an open session (the CLI's, `extend`'s and the recipe runner's shared body)."""
+    _check_neuron_options(options.neuron_top_n, options.neuron_documents)
+    generation.data = describe_data(workdir, generation.languages, list(options.data), options.text_field,
+                                    inherited=generation.data)
+    device = resolve_device(options.device)
+    config = dict(tokens=options.tokens, batch_tokens=options.batch_tokens, device=device, dtype=options.dtype,
+                  seed=options.seed, include_bos=options.include_bos, neuron_top_n=options.neuron_top_n,
+                  neuron_documents=options.neuron_documents)
     label = f"profile of G{generation.index}"
-    with run_step(workdir, manifest, generation.profile, label, config, force) as record:
-        _profile(workdir, manifest, generation, record, tokens, batch_tokens, device, resolve_dtype(dtype, device), seed,
-                 include_bos, neuron_top_n, neuron_documents)
+    with run_step(workdir, manifest, generation.profile, label, config, options.force) as record:
+        _profile(workdir, manifest, generation, record, options, device, resolve_dtype(options.dtype, device))
 
 
 def _same_model(workdir: Workdir, manifest: Manifest, model: str) -> bool:
@@ -189,20 +190,21 @@ def _check_matches(workdir: Workdir, manifest: Manifest, generation: Generation,
                             "use `layermoe extend --new ...` to open the next generation")
 
 
-def _profile(workdir, manifest, generation, record, tokens, batch_tokens, device, dtype, seed, include_bos,
-             neuron_top_n, neuron_documents) -> None:
+def _profile(workdir: Workdir, manifest: Manifest, generation: Generation, record, options: ProfileOptions, device: str,
+             dtype) -> None:
     from layermoe.profiling.plots import plot_profile
     from layermoe.profiling.similarity import layer_scores, pair_means, profile_model
 
-    limit = documents_for_tokens(tokens)
+    limit = documents_for_tokens(options.tokens)
     texts = {lang: texts_for(workdir, generation, lang, "train", limit=limit) for lang in generation.languages}
     model, tokenizer = load_generation_model(workdir, manifest, generation, device=device, dtype=dtype)
     if generation.index == 1:
         record_base_shape(manifest, model)
     with token_progress("profile") as update:
-        result = profile_model(model, tokenizer, texts, tokens_per_language=tokens, batch_tokens=batch_tokens,
-                               include_bos=include_bos, seed=seed, device=device, progress=update,
-                               neuron_top_n=neuron_top_n, neuron_documents=neuron_documents)
+        result = profile_model(model, tokenizer, texts, tokens_per_language=options.tokens,
+                               batch_tokens=options.batch_tokens, include_bos=options.include_bos, seed=options.seed,
+                               device=device, progress=update, neuron_top_n=options.neuron_top_n,
+                               neuron_documents=options.neuron_documents)
     old, new = generation.old_languages, generation.new_languages
     record.languages = list(result.languages)
     record.matrix = result.matrix
@@ -216,9 +218,9 @@ def _profile(workdir, manifest, generation, record, tokens, batch_tokens, device
         if count == 0:
             raise LayermoeError(f"no tokens of {language} to profile: its training-side data is empty")
     if result.neurons is not None:
-        if result.neurons.top_n < neuron_top_n:
+        if result.neurons.top_n < options.neuron_top_n:
             err_console.print(f"[yellow]note:[/] the model has only {result.neurons.top_n:,} FFN neurons, fewer than "
-                              f"--neuron-top-n {neuron_top_n:,}: every neuron counts, so the neuron counts carry no signal",
+                              f"--neuron-top-n {options.neuron_top_n:,}: every neuron counts, so the neuron counts carry no signal",
                               soft_wrap=True)
         record.neuron_counts = list(result.neurons.unique_per_layer)
         record.neuron_counts_by_language = dict(result.neurons.per_language)

@@ -9,6 +9,7 @@ from rich.table import Table
 from layermoe.core.console import console
 from layermoe.core.manifest import STEP_NAMES, Manifest, StepStatus
 from layermoe.core.workdir import Workdir
+from layermoe.pipeline.options import StatusOptions
 
 _STYLE = {
     StepStatus.done: "[green]✓[/]",
@@ -26,9 +27,10 @@ def _millions(n: int | None) -> str:
     return f"{n / 1e6:,.0f}M" if n >= 1e8 else f"{n / 1e6:,.1f}M"
 
 
-def show_status(workdir: Workdir, as_json: bool = False) -> None:
+def show_status(workdir: Workdir, options: StatusOptions | None = None) -> None:
+    """`layermoe status`: the lineage table, or (--json) the manifest."""
     manifest = workdir.load()  # reading needs no lock: the manifest is replaced atomically
-    if as_json:
+    if options is not None and options.as_json:
         sys.stdout.write(manifest.to_json() + "\n")
         return
     console.print(lineage_table(manifest))

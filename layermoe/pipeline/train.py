@@ -18,27 +18,28 @@ from layermoe.core.errors import LayermoeError
 from layermoe.core.manifest import Generation, Manifest, StepStatus
 from layermoe.core.workdir import StepAlreadyDone, Workdir, require_done, run_step, session
 from layermoe.pipeline.common import record_checkpoint, verify_checkpoint
+from layermoe.pipeline.options import TrainOptions
 from layermoe.pipeline.prepare import ensure_prepared, prepared_root, stage_key, stage_tokenizer, with_prepared_settings
+from layermoe.training.config import load_train_config
+from layermoe.training.distributed import check_settings
 
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def run_train(workdir: Workdir, *, stage: int, recipe=None, overrides=None, force=False, num_proc=None) -> None:
-    from layermoe.training.config import load_train_config
-
+def run_train(workdir: Workdir, options: TrainOptions) -> None:
+    """`layermoe train`: the stage's settings are the recipe's (if any) with the flags over them."""
+    stage, force, num_proc = options.stage, options.force, options.num_proc
     if stage not in (1, 2):
         raise LayermoeError(f"--stage {stage}: there are two training stages, 1 (new experts learn the new languages) "
                             "and 2 (routers learn to protect the old ones)")
-    from layermoe.training.distributed import check_settings
-
-    config = load_train_config(recipe, stage=stage, **(overrides or {}))
+    config = load_train_config(options.recipe, **options.settings, stage=stage)
     if num_proc is not None and num_proc < 1:
         raise LayermoeError("--num-proc must be at least 1")
     check_settings(config)  # a launch or tracker that cannot work here: before preparing anything
     if _rank() != 0:
-        from layermoe.data import Selection, wait_for_prepared
+        from layermoe.data import wait_for_prepared
 
         manifest = workdir.load()
         generation = manifest.current
@@ -46,7 +47,7 @@ def run_train(workdir: Workdir, *, stage: int, recipe=None, overrides=None, forc
             return
         _verify_source(workdir, manifest, generation, stage)
         config = with_prepared_settings(generation, stage, config)
-        key = stage_key(workdir, manifest, generation, Selection.of(config), stage_tokenizer(workdir, generation))
+        key = stage_key(workdir, manifest, generation, config.data, stage_tokenizer(workdir, generation))
         prepared = wait_for_prepared(prepared_root(workdir) / key)  # rank 0 prepares it if needed
         _train(workdir, manifest, generation, stage, config, prepared.path)
         return
@@ -113,7 +114,7 @@ def _clear_checkpoints(workdir, generation, stage) -> None:
 
 
 def _train(workdir: Workdir, manifest: Manifest, generation: Generation, stage: int, config, prepared_dir: Path):
-    from layermoe.training import train_stage
+    from layermoe.training.loop import train_stage
 
     source = _source(generation, stage)
     return train_stage(

@@ -31,9 +31,8 @@ from torch import nn
 
 from layermoe.core.errors import LayermoeError
 from layermoe.profiling.hsa import decoder_layers
+from layermoe.profiling.settings import NEURON_DOCUMENTS
 
-DEFAULT_TOP_N = 1000  # the authors' code keeps each language's 1,000 best neurons
-DEFAULT_DOCUMENTS = 500  # the authors' sense data: 500 sentences per language
 _AP_CHUNK_ELEMENTS = 1 << 24  # documents x neurons sorted at once (bounds the AP's scratch memory)
 
 
@@ -158,7 +157,7 @@ class NeuronAccumulator:
     Pooled responses are float32 on the CPU: [documents, intermediate] per language and layer.
     """
 
-    def __init__(self, num_layers: int, max_documents: int = DEFAULT_DOCUMENTS):
+    def __init__(self, num_layers: int, max_documents: int = NEURON_DOCUMENTS):
         if max_documents < 1:
             raise LayermoeError(f"documents per language for the neuron count must be at least 1, got {max_documents}")
         self.num_layers = num_layers

@@ -1,4 +1,4 @@
-"""PNG figures of a profile and an allocation (matplotlib, Agg backend, imported lazily)."""
+"""PNG figures of a profile and an allocation (`core.plotting`: Agg backend, matplotlib imported lazily)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from layermoe.core.plotting import pyplot, save_figure
 
 
 def plot_profile(
@@ -34,7 +27,7 @@ def plot_profile(
     """
     from layermoe.profiling.similarity import pair_means
 
-    plt = _pyplot()
+    plt = pyplot()
     new_new, new_old = pair_means(matrix, languages, old, new)
     layers = np.arange(len(scores))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(scores) + 3), 4.2), dpi=120)
@@ -59,11 +52,7 @@ def plot_profile(
         more_handles, more_labels = twin.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
     ax.legend(handles, labels, fontsize=8, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_allocation(
@@ -78,7 +67,7 @@ def plot_allocation(
 
     With `neuron_counts` (the neuron strategy) the curve is the language-specific neuron count instead.
     """
-    plt = _pyplot()
+    plt = pyplot()
     counts = np.asarray(experts_per_layer)
     layers = np.arange(len(counts))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(counts) + 3), 4.6), dpi=120)
@@ -118,45 +107,4 @@ def plot_allocation(
     # Below the axes, so it never hides a bar.
     ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(handles), frameon=False)
     ax.set_title(f"Expert allocation: {int(counts.sum())} experts, {int((counts - 1).sum())} new")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def compare_points(table: dict) -> list[tuple[str, int, float, float]]:
-    """(title, trained parameters, New-avg gain, Old-avg forgetting) per variant of a compare table."""
-    return [(row.get("title") or row["variant"], int(row["trainable_parameters"]), float(row["gain"]), float(row["forgetting"]))
-            for row in table["variants"]]
-
-
-def plot_compare(table: dict, path: str | Path) -> Path:
-    """compare.png: gain on the new languages and forgetting of the old ones against trained parameters.
-
-    One point per variant; parameters on a log axis (the dense fine-tune trains every weight).
-    """
-    plt = _pyplot()
-    points = compare_points(table)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120)
-    panels = (("New-avg gain (base − after, bits per byte)", 2, "higher is better"),
-              ("Old-avg forgetting (after − base, bits per byte)", 3, "lower is better"))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (label, column, hint) in zip(axes, panels):
-        for k, point in enumerate(points):  # colours and a legend, not labels: close points would overlap
-            ax.scatter(point[1], point[column], s=45, color=colors[k % len(colors)], zorder=3, label=point[0],
-                       marker="os^Dv<>p"[k % 8])
-        ax.axhline(0, color="gray", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel("trained parameters")
-        ax.set_ylabel(label)
-        ax.set_title(hint, fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"{', '.join(table['new_languages'])} learned, {', '.join(table['old_languages'])} kept: "
-                 "one point per variant", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

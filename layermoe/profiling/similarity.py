@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from layermoe.core.errors import LayermoeError
 from layermoe.profiling.hsa import capture_ffn_inputs, decoder_layers, token_mask, tokenizer_prepends_bos
-from layermoe.profiling.neurons import DEFAULT_DOCUMENTS, DEFAULT_TOP_N, NeuronCounts
+from layermoe.profiling.neurons import NeuronCounts
+from layermoe.profiling.settings import NEURON_DOCUMENTS, NEURON_TOP_N, PROFILE_BATCH_TOKENS, PROFILE_TOKENS
 
 MAX_SEQUENCE_TOKENS = 1024
 
@@ -257,14 +258,14 @@ def profile_model(
     model,
     tokenizer,
     texts_by_language: Mapping[str, Iterable[str]],
-    tokens_per_language: int = 100_000,
-    batch_tokens: int = 8192,
+    tokens_per_language: int = PROFILE_TOKENS,
+    batch_tokens: int = PROFILE_BATCH_TOKENS,
     include_bos: bool = False,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-    neuron_top_n: int = DEFAULT_TOP_N,
-    neuron_documents: int = DEFAULT_DOCUMENTS,
+    neuron_top_n: int = NEURON_TOP_N,
+    neuron_documents: int = NEURON_DOCUMENTS,
 ) -> ProfileResult:
     """Run the model once over up to `tokens_per_language` sampled tokens of each language and
     return the language x language similarity matrix of every layer (Eq. 8).

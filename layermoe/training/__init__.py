@@ -1,33 +1,13 @@
-"""Two-stage training of an expanded model (METHOD.md section 4)."""
+"""Two-stage training of an expanded model (METHOD.md section 4).
 
-from layermoe.data.packing import PackedData  # the data package owns packing; kept here for old imports
-from layermoe.training.checkpoint import FrozenWeightsChanged, frozen_checksums, verify_frozen
-from layermoe.training.config import TrainConfig, load_train_config
-from layermoe.training.loop import TrainResult, freeze_for_stage, train_stage, trainable_groups
-from layermoe.training.losses import (
-    classifier_loss,
-    classifier_over_layers,
-    load_balancing_loss,
-    load_balancing_over_layers,
-    lpr_loss,
-    lpr_over_layers,
-)
+    config.py       `TrainConfig`: every knob of a stage (torch-free)
+    losses.py       load balancing, LPR and the routing classifier's loss (Eq. 13)
+    setup.py        what trains in a stage, the model and data a stage starts from
+    checkpoint.py   atomic resumable checkpoints, frozen-weight checksums
+    reporting.py    the JSONL log, trackers and progress of a stage
+    loop.py         `train_stage`: one stage, resumable, on any accelerate setup
+    distributed.py  devices, processes and trackers through accelerate
+    run_stage.py    the process entry of `accelerate launch -m layermoe.training.run_stage`
 
-__all__ = [
-    "FrozenWeightsChanged",
-    "PackedData",
-    "TrainConfig",
-    "TrainResult",
-    "classifier_loss",
-    "classifier_over_layers",
-    "freeze_for_stage",
-    "frozen_checksums",
-    "load_balancing_loss",
-    "load_balancing_over_layers",
-    "load_train_config",
-    "lpr_loss",
-    "lpr_over_layers",
-    "train_stage",
-    "trainable_groups",
-    "verify_frozen",
-]
+Nothing is imported here, so that `layermoe.training.config` stays torch-free.
+"""

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from layermoe.core.errors import LayermoeError
-from layermoe.data import PackedData, Selection, Source, block_indices, open_prepared, prepare_or_wait
+from layermoe.data import PackedData, Source, block_indices, open_prepared, prepare_or_wait
 from layermoe.training import checkpoint as ckpt
 from layermoe.training.config import TrainConfig
 from layermoe.training.distributed import is_sharded, make_accelerator
@@ -373,7 +373,7 @@ def train_stage(
         prepared = open_prepared(prepared_dir)
     elif texts_by_language is not None:
         sources = {lang: Source(lang, texts=texts) for lang, texts in texts_by_language.items()}
-        prepared = prepare_or_wait(sources, generation_of_language, current_generation, Selection.of(config), tokenizer,
+        prepared = prepare_or_wait(sources, generation_of_language, current_generation, config.data, tokenizer,
                                    work_dir / "cache" / "prepared", show_progress=show_progress)
     else:
         raise LayermoeError("train_stage needs prepared_dir or texts_by_language")

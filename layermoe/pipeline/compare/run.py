@@ -26,112 +26,54 @@ skips what is done.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from rich.table import Table
 
 from layermoe.core.console import console, err_console
 from layermoe.core.errors import LayermoeError
 from layermoe.core.manifest import Manifest, StepStatus
 from layermoe.core.workdir import Workdir, atomic_write_text, session
-
-TITLES = {"layermoe": "LayerMoE", "neuronmoe": "NeuronMoE", "moe-lpr": "MoE-LPR", "dense": "dense fine-tune"}
-# What the comparison decides itself; a recipe that sets them would be silently overridden.
-_ALLOCATE_KEYS_SET_HERE = ("budget", "new_experts", "strategy", "neuron_mapping", "min_experts", "max_experts")
-
-
-class CompareSpec(BaseModel):
-    """The `compare:` section of a recipe."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    baseline_new_experts_per_layer: int = Field(2, ge=1)  # MoE-LPR: 1 + 2 = 3 experts per layer
-    layermoe_share: float = Field(0.4, gt=0, le=1)  # LayerMoE's new experts / the baseline's
-    dense_learning_rate: float | None = Field(None, gt=0)  # None: stage 1's (steps and tokens stay stage 1's)
-    budgets: list[int] | None = None  # LayerMoE at each δ instead of the share's (`--budgets 36,54,72`)
-    neuron_mapping: Literal["proportional", "linear"] = "proportional"  # NeuronMoE: at LayerMoE's δ, or the authors'
-    neuron_min_experts: int = Field(1, ge=1)  # linear mapping only
-    neuron_max_experts: int = Field(6, ge=1)
-
-
-def round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5 + 1e-9))
-
-
-def expert_budgets(num_layers: int, spec: CompareSpec) -> dict[str, int]:
-    """New experts of each variant and LayerMoE's δ (which counts every layer's expert 0)."""
-    baseline = num_layers * spec.baseline_new_experts_per_layer
-    layermoe = round_half_up(spec.layermoe_share * baseline)
-    if layermoe < 1:
-        raise LayermoeError(f"layermoe_share {spec.layermoe_share} of {baseline} baseline experts rounds to 0 new experts: "
-                            "raise compare.layermoe_share")
-    delta = num_layers + layermoe
-    assert delta >= num_layers  # Eq. 10 needs δ >= layers (expert 0 everywhere)
-    return {"baseline_new_experts": baseline, "layermoe_new_experts": layermoe, "layermoe_budget": delta}
-
-
-def plan_variants(num_layers: int, spec: CompareSpec, allocate: dict) -> list[dict]:
-    """The MoE variants, in table order: name (its folder), title, and the allocate options of its run."""
-    from layermoe.allocation.strategies import validate_budget, validate_linear_range
-
-    budgets = expert_budgets(num_layers, spec)
-    share = budgets["layermoe_budget"]
-    layermoe_budgets = sorted(set(spec.budgets)) if spec.budgets else [share]
-    for delta in layermoe_budgets:
-        validate_budget(num_layers, delta)
-    if spec.neuron_mapping == "linear":
-        validate_linear_range(spec.neuron_min_experts, spec.neuron_max_experts)
-    variants = []
-    for delta in layermoe_budgets:
-        variants.append({"name": "layermoe" if delta == share else f"layermoe-{delta}",
-                         "title": "LayerMoE" if not spec.budgets else f"LayerMoE δ={delta}",
-                         "allocate": {**allocate, "strategy": "layerwise", "budget": delta}})
-    neuron = {**allocate, "strategy": "neuron", "neuron_mapping": spec.neuron_mapping}
-    if spec.neuron_mapping == "linear":
-        neuron.update(min_experts=spec.neuron_min_experts, max_experts=spec.neuron_max_experts)
-    else:
-        neuron["budget"] = share
-    variants.append({"name": "neuronmoe", "title": TITLES["neuronmoe"], "allocate": neuron})
-    # MoE-LPR routes with its LPR loss alone: no routing classifier
-    variants.append({"name": "moe-lpr", "title": TITLES["moe-lpr"],
-                     "allocate": {**allocate, "strategy": "uniform", "new_experts": budgets["baseline_new_experts"],
-                                  "classifier_layers": 0}})
-    return variants
-
+from layermoe.pipeline.compare.plan import TITLES, check_compare_recipe, expert_budgets, plan_variants
+from layermoe.pipeline.compare.render import compare_table, summarise, write_outputs
+from layermoe.pipeline.lineage import run_lineage
+from layermoe.pipeline.options import AllocateOptions, CompareOptions
+from layermoe.pipeline.recipes import load_recipe
 
 # ---------------------------------------------------------------- entry points
 
 
-def run_compare_recipe(workdir: Workdir, recipe_path: str | Path | None = None, budgets: list[int] | None = None) -> dict:
+def run_compare_recipe(workdir: Workdir, options: CompareOptions) -> dict:
     """`layermoe compare [RECIPE] [--budgets ...]`: the shipped demo comparison unless a recipe is given."""
-    from layermoe.pipeline.recipe import RECIPES_DIR, load_recipe
-
-    recipe = load_recipe(recipe_path or RECIPES_DIR / "compare.yaml")
+    budgets = parse_budgets(options.budgets)
+    recipe = load_recipe(options.recipe or "compare")
     if recipe.compare is None:
-        raise LayermoeError(f"{recipe_path} has no `compare:` section: use `layermoe run` for an ordinary recipe")
+        raise LayermoeError(f"{options.recipe} has no `compare:` section: use `layermoe run` for an ordinary recipe")
     return run_compare(workdir, recipe, budgets=budgets)
+
+
+def parse_budgets(value: str | None) -> list[int] | None:
+    """`--budgets 36,54,72` -> [36, 54, 72] (None when not given)."""
+    try:
+        budgets = [int(part) for part in (value or "").split(",") if part.strip()]
+    except ValueError:
+        raise LayermoeError(f"--budgets takes whole numbers separated by commas, not {value!r}") from None
+    return budgets or None
 
 
 def run_compare(workdir: Workdir, recipe, budgets: list[int] | None = None) -> dict:
     """Run (or resume) the variants of a recipe with a `compare:` section; print and write the table and plot."""
-    from layermoe.training.config import load_train_config
-
-    spec, generation_spec = _check_recipe(recipe)
+    spec, generation_spec = check_compare_recipe(recipe)
     if budgets:
         spec = spec.model_copy(update={"budgets": list(budgets)})
-    configs = {stage: load_train_config(None, stage=stage, **getattr(generation_spec, f"stage{stage}")) for stage in (1, 2)}
-    dense_config = configs[1].model_copy(update={"learning_rate": spec.dense_learning_rate or configs[1].learning_rate})
+    stage1 = generation_spec.stage1
+    dense_config = stage1.model_copy(update={"learning_rate": spec.dense_learning_rate or stage1.learning_rate})
     root = workdir.root / "compare"
     with workdir.lock():  # the sub work dirs have their own locks and rollback; this one keeps two runs apart
         shared_cache = root / "cache"
         num_layers = _base_num_layers(recipe.model, shared_cache)
         budgets_used = expert_budgets(num_layers, spec)
-        variants = plan_variants(num_layers, spec, dict(generation_spec.allocate))
+        variants = plan_variants(num_layers, spec, generation_spec.allocate.model_dump(exclude_unset=True))
         manifests = {}
         for variant in variants:
             allocate = variant["allocate"]
@@ -145,35 +87,13 @@ def run_compare(workdir: Workdir, recipe, budgets: list[int] | None = None) -> d
         reference = Workdir(root / reference_name)  # its manifest records the data every variant reads
         dense = _run_dense(root / "dense", reference, manifests[reference_name], dense_config)
         console.rule("[bold]compare: held-out bits per byte")
-        max_tokens = (generation_spec.eval or {}).get("max_tokens")
+        max_tokens = generation_spec.eval.max_tokens if generation_spec.eval is not None else None
         figures = _evaluate_all(root, reference, manifests, dense, max_tokens, recipe.device)
-        table = _summarise(manifests, variants, dense, figures, budgets_used, spec, max_tokens)
-    _write_outputs(workdir.root, table)
+        table = summarise(manifests, variants, dense, figures, budgets_used, spec, max_tokens)
+    write_outputs(workdir.root, table)
     console.print(compare_table(table))
     err_console.print(f"wrote {workdir.root / 'compare.md'}, {workdir.root / 'compare.json'} and {workdir.root / 'compare.png'}")
     return table
-
-
-def _check_recipe(recipe):
-    try:
-        spec = CompareSpec.model_validate(recipe.compare or {})
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise LayermoeError(f"recipe `compare.{'.'.join(str(p) for p in first['loc'])}`: {first['msg']}")
-    if len(recipe.generations) != 1:
-        raise LayermoeError(f"a compare recipe has exactly one generation (G0 → G1), not {len(recipe.generations)}")
-    generation = recipe.generations[0]
-    fixed = [key for key in _ALLOCATE_KEYS_SET_HERE if key in generation.allocate]
-    if fixed:
-        raise LayermoeError(f"a compare recipe sets `allocate.{fixed[0]}` itself: remove it and use "
-                            "compare.baseline_new_experts_per_layer / compare.layermoe_share / compare.budgets / "
-                            "compare.neuron_mapping")
-    if generation.stage1 is None or generation.stage2 is None:
-        raise LayermoeError("a compare recipe needs both `stage1` and `stage2` (the dense variant uses stage1's settings)")
-    extra = sorted(set(generation.eval or {}) - {"max_tokens"})
-    if extra:
-        raise LayermoeError(f"a compare recipe measures bits per byte only: `eval.{extra[0]}` is not supported here (keep max_tokens)")
-    return spec, generation
 
 
 def _base_num_layers(model: str, cache: Path) -> int:
@@ -194,9 +114,7 @@ def _base_num_layers(model: str, cache: Path) -> int:
 
 
 def _run_moe_variant(workdir: Workdir, shared_cache: Path, recipe, generation_spec, allocate: dict) -> Manifest:
-    """One G0 → G1 run of the recipe runner in its own work dir, with this variant's allocation."""
-    from layermoe.pipeline.recipe import _run
-
+    """One G0 → G1 run of the lineage runner in its own work dir, with this variant's allocation."""
     workdir.root.mkdir(parents=True, exist_ok=True)
     shared_cache.mkdir(parents=True, exist_ok=True)
     if not os.path.lexists(workdir.cache_dir):  # one converted base model and data cache for all variants
@@ -206,10 +124,10 @@ def _run_moe_variant(workdir: Workdir, shared_cache: Path, recipe, generation_sp
         _check_same_allocation(workdir, workdir.load(), allocate)
     variant = recipe.model_copy(update={
         "compare": None,
-        "generations": [generation_spec.model_copy(update={"allocate": allocate, "eval": None})],
+        "generations": [generation_spec.model_copy(update={"allocate": AllocateOptions(**allocate), "eval": None})],
     })
     with session(workdir):
-        return _run(workdir, variant)
+        return run_lineage(workdir, variant)
 
 
 def _check_same_allocation(workdir: Workdir, manifest: Manifest, allocate: dict) -> None:
@@ -240,7 +158,7 @@ def _check_same_allocation(workdir: Workdir, manifest: Manifest, allocate: dict)
 def _run_dense(out: Path, reference: Workdir, manifest: Manifest, config) -> dict:
     """Fine-tune every weight of the base model on the new languages, with stage 1's settings and data."""
     from layermoe.pipeline.common import load_base
-    from layermoe.training import train_stage
+    from layermoe.training.loop import train_stage
 
     record_path = out / "train.json"
     wanted = config.model_dump(mode="json")
@@ -265,11 +183,11 @@ def _run_dense(out: Path, reference: Workdir, manifest: Manifest, config) -> dic
     # variant prepared the same sources with the same tokenizer and settings, so it is found there.
     from transformers import AutoTokenizer
 
-    from layermoe.data import Selection, prepare
+    from layermoe.data import prepare
     from layermoe.pipeline.prepare import prepared_root, stage_sources
 
     sources = {lang: s for lang, s in stage_sources(reference, generation).items() if lang in generation.new_languages}
-    prepared = prepare(sources, manifest.generation_of_language(), 1, Selection.of(config),
+    prepared = prepare(sources, manifest.generation_of_language(), 1, config.data,
                        AutoTokenizer.from_pretrained(base_dir), prepared_root(reference))
     result = train_stage(
         model_dir=base_dir,
@@ -372,130 +290,3 @@ def _parameter_counts(model) -> dict:
     return {"total_parameters": total, "trained_parameters": trained}
 
 
-# ---------------------------------------------------------------- the table
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _summarise(manifests: dict[str, Manifest], variants: list[dict], dense: dict, figures: dict, budgets: dict,
-               spec: CompareSpec, max_tokens) -> dict:
-    """The table as plain data (compare.json): one row per variant, in `variants` order, then the dense fine-tune."""
-    generation = manifests[variants[0]["name"]].generations[1]
-    old, new = list(generation.old_languages), list(generation.new_languages)
-    base = figures["base"]
-    base_old, base_new = _mean([base["bpb"][x] for x in old]), _mean([base["bpb"][x] for x in new])
-    rows = []
-    for name, title in [(v["name"], v["title"]) for v in variants] + [("dense", TITLES["dense"])]:
-        bpb = figures[name]["bpb"]
-        old_avg, new_avg = _mean([bpb[x] for x in old]), _mean([bpb[x] for x in new])
-        budget = strategy = None
-        if name == "dense":
-            new_experts, per_layer = 0, None
-            steps, tokens = [dense["steps"]], [dense["tokens_seen"]]
-        else:
-            g1 = manifests[name].generations[1]
-            per_layer = list(g1.allocation.new_experts_per_layer)
-            new_experts, budget = sum(per_layer), g1.allocation.budget
-            strategy = g1.allocation.strategy if g1.allocation.strategy != "neuron" else f"neuron ({g1.allocation.neuron_mapping})"
-            steps, tokens = [g1.stage1.steps, g1.stage2.steps], [g1.stage1.tokens_seen, g1.stage2.tokens_seen]
-        rows.append({
-            "variant": name,
-            "title": title,
-            "strategy": strategy,
-            "budget": budget,
-            "new_experts": new_experts,
-            "new_experts_per_layer": per_layer,
-            "total_parameters": figures[name]["total_parameters"],
-            "trainable_parameters": figures[name]["trained_parameters"],
-            "steps": steps,  # per stage
-            "tokens_seen": tokens,
-            "old_avg": old_avg,
-            "new_avg": new_avg,
-            "forgetting": old_avg - base_old,  # > 0: the old languages got worse
-            "gain": base_new - new_avg,  # > 0: the new languages got better
-            "bpb": bpb,
-        })
-    return {
-        "old_languages": old,
-        "new_languages": new,
-        "max_tokens": max_tokens,
-        "settings": {**spec.model_dump(), **budgets},
-        "base": {"total_parameters": base["total_parameters"], "old_avg": base_old, "new_avg": base_new, "bpb": base["bpb"]},
-        "variants": rows,
-    }
-
-
-def _signed(x: float) -> str:
-    return f"{round(x, 4) + 0.0:+.4f}"  # no "-0.0000"
-
-
-def _cells(row: dict) -> list[str]:
-    title = row.get("title") or TITLES.get(row["variant"], row["variant"])
-    return [title, str(row["new_experts"]), f"{row['total_parameters']:,}", f"{row['trainable_parameters']:,}",
-            " + ".join(str(s) for s in row["steps"]), f"{row['old_avg']:.4f}", f"{row['new_avg']:.4f}",
-            _signed(row["forgetting"]), _signed(row["gain"])]
-
-
-COLUMNS = ("variant", "new experts", "parameters", "trainable", "steps", "Old-avg bpb", "New-avg bpb", "forgetting", "gain")
-
-
-def _caption(table: dict) -> str:
-    base = table["base"]
-    return (f"base model ({base['total_parameters']:,} parameters): Old-avg {base['old_avg']:.4f}, New-avg {base['new_avg']:.4f} "
-            f"bits per byte on {', '.join(table['old_languages'])} / {', '.join(table['new_languages'])} "
-            f"(≤ {table['max_tokens'] or 'all'} held-out tokens each). forgetting = Old-avg − base (> 0: worse); "
-            "gain = base − New-avg (> 0: better). steps: stage 1 (+ stage 2), same stage-1 data and tokens for all.")
-
-
-def _heading(table: dict) -> str:
-    titles = [row.get("title") or TITLES.get(row["variant"], row["variant"]) for row in table["variants"]]
-    return " vs ".join(titles)
-
-
-def compare_table(table: dict) -> Table:
-    rich_table = Table(title=f"{_heading(table)}: held-out bits per byte (lower is better)",
-                       title_justify="left", caption=_caption(table), caption_justify="left")
-    for column in COLUMNS:
-        rich_table.add_column(column, justify="left" if column == "variant" else "right")
-    for row in table["variants"]:
-        rich_table.add_row(*_cells(row))
-    return rich_table
-
-
-def _settings_line(table: dict) -> str:
-    settings = table["settings"]
-    rows = {row["variant"]: row for row in table["variants"]}
-    parts = [f"MoE-LPR: {settings['baseline_new_experts_per_layer']} new experts in every layer "
-             f"({settings['baseline_new_experts']} in all)"]
-    if settings.get("budgets"):
-        parts.append("LayerMoE: Eq. 10 at δ = " + ", ".join(str(b) for b in sorted(set(settings["budgets"]))))
-    else:
-        parts.append(f"LayerMoE: {settings['layermoe_share']:g} of that, {settings['layermoe_new_experts']} new experts "
-                     f"(δ = {settings['layermoe_budget']}), allocated by Eq. 10")
-    neuron = rows.get("neuronmoe")
-    if neuron is not None:
-        if settings.get("neuron_mapping") == "linear":
-            parts.append(f"NeuronMoE: the authors' linear mapping of the language-specific neuron counts "
-                         f"({settings['neuron_min_experts']}–{settings['neuron_max_experts']} experts per layer), "
-                         f"which reached δ = {neuron['budget']}")
-        else:
-            parts.append(f"NeuronMoE: experts proportional to each layer's language-specific neurons at δ = {neuron['budget']}")
-    return "; ".join(parts) + "."
-
-
-def compare_markdown(table: dict) -> str:
-    lines = [f"# {_heading(table)}", "", "| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in table["variants"]]
-    lines += ["", _caption(table), "", _settings_line(table), "", "![gain and forgetting against trained parameters](compare.png)", ""]
-    return "\n".join(lines)
-
-
-def _write_outputs(root: Path, table: dict) -> None:
-    from layermoe.profiling.plots import plot_compare
-
-    atomic_write_text(root / "compare.json", json.dumps(table, indent=2) + "\n")
-    atomic_write_text(root / "compare.md", compare_markdown(table))
-    plot_compare(table, root / "compare.png")
