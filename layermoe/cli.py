@@ -23,6 +23,7 @@ from rich.markup import escape
 from layermoe import __version__
 from layermoe.core.console import console, err_console
 from layermoe.core.errors import LayermoeError
+from layermoe.core.integrity import set_verification
 from layermoe.core.options import first_error, flags_from, flags_of, is_comma_list, on_cli
 from layermoe.core.workdir import StepAlreadyDone, Workdir, disk_full_message
 from layermoe.pipeline import options as step_options
@@ -55,7 +56,6 @@ def _global(
     ),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    from layermoe.core.integrity import set_verification
 
     set_verification(not no_verify)
     ctx.obj = Workdir(workdir)

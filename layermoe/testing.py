@@ -9,6 +9,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from layermoe.data import builtin_corpus_path
+
 # hidden 32, 2 layers unless asked: small enough that a forward pass costs microseconds.
 _COMMON = dict(
     hidden_size=32,
@@ -34,7 +36,6 @@ TINY_FAMILIES = tuple(FAMILY_CONFIGS)
 
 def _tokenizer_corpus() -> list[str]:
     """A few hundred sentences in several scripts, so every test language tokenizes sensibly."""
-    from layermoe.data import builtin_corpus_path
 
     wanted = {"en", "el", "hu", "tr", "bn", "hi", "mr", "zh", "es"}
     lines = []

@@ -236,7 +236,8 @@ def test_frozen_check_compares_values_whatever_the_dtype():
 
 def test_the_saved_model_is_built_around_the_gathered_state_without_a_copy(tmp_path):
     from layermoe.modeling import load_layermoe
-    from layermoe.training.loop import _checkpoint_tensors, _model_from_state_dict
+    from layermoe.training.saving import checkpoint_tensors as _checkpoint_tensors
+    from layermoe.training.saving import model_from_state_dict as _model_from_state_dict
 
     expanded = _expanded(tmp_path)
     model = load_layermoe(expanded)

@@ -268,7 +268,8 @@ def test_without_a_terminal_progress_is_a_plain_line(tmp_path, monkeypatch):
 
     from layermoe.core import console as consoles
     from layermoe.core import progress
-    from layermoe.training.loop import _Reporter
+    from layermoe.training import reporting
+    from layermoe.training.reporting import StageReporter as _Reporter
 
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     log = io.StringIO()
@@ -281,6 +282,7 @@ def test_without_a_terminal_progress_is_a_plain_line(tmp_path, monkeypatch):
     assert re.fullmatch(r"prepare el \(1 process\): 3 documents \([\d,.]+/s\), \d+ tokens \([\d,.]+M?/s\), \d+ s — done", lines[-1]), lines
 
     monkeypatch.setattr(consoles, "err_console", plain)
+    monkeypatch.setattr(reporting, "err_console", plain)  # the reporter's own reference
     log.truncate(0), log.seek(0)
     from types import SimpleNamespace
 

@@ -117,7 +117,7 @@ def test_trainable_sets_per_stage_exact_names_and_counts(tmp_path):
 
 
 def test_tampered_frozen_weight_raises_and_nothing_is_saved(tmp_path, monkeypatch):
-    import layermoe.modeling as modeling
+    import layermoe.training.setup as modeling  # where train_stage looks up load_layermoe
 
     loaded = []
     real_load = modeling.load_layermoe

@@ -19,6 +19,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from layermoe.core.console import err_console
 from layermoe.core.errors import LayermoeError
 
 CHUNK = 8 << 20
@@ -43,7 +44,6 @@ def verification_enabled() -> bool:
     global _warned
     if not _verify and not _warned:
         _warned = True
-        from layermoe.core.console import err_console
 
         err_console.print("[yellow]warning:[/] --no-verify: models and checkpoints are read without checking them "
                           "against their recorded sha256", soft_wrap=True, highlight=False)

@@ -21,8 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from layermoe.core.console import err_console
 from layermoe.core.errors import LayermoeError
 from layermoe.core.manifest import Manifest, StepRecord, StepStatus, describe_steps, parse_manifest, utc_now
+from layermoe.core.numbers import human_bytes
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".layermoe.lock"
@@ -87,7 +89,6 @@ NEARLY_FULL_BYTES = 64 * 2**20
 
 def disk_full_message(root: Path, error: BaseException) -> str | None:
     """One line for an error that a full disk under `root` caused, or None for any other error."""
-    from layermoe.core.numbers import human_bytes
 
     probe = next((p for p in (Path(root), *Path(root).parents) if p.exists()), Path("/"))
     try:
@@ -356,7 +357,6 @@ def run_step(workdir: Workdir, manifest: Manifest, record: StepRecord, label: st
 
 def _say_stale(label: str, stale: list[tuple[int, str]]) -> None:
     if stale:
-        from layermoe.core.console import err_console
 
         err_console.print(f"[yellow]note:[/] {label} ran again, so {describe_steps(stale)} "
                           f"{'is' if len(stale) == 1 else 'are'} now pending (old outputs stay until replaced)",

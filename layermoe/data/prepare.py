@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 from rich.markup import escape
 
+from layermoe.core.console import err_console
 from layermoe.core.errors import LayermoeError
 from layermoe.core.numbers import human
 from layermoe.core.progress import RateProgress, Throttle
@@ -330,7 +331,6 @@ def prepare(sources: Mapping[str, Source], generation_of_language: Mapping[str, 
     num_proc: tokenising processes (default: the usable cores).
     on_progress(language, stats): called after each chunk (tests use it to kill the process).
     """
-    from layermoe.core.console import err_console
 
     console = console or err_console
     root = Path(root)
@@ -420,7 +420,6 @@ def local_rank() -> int:
 def wait_for_prepared(path: str | Path, console=None, poll_s: float = 1.0) -> PreparedData:
     """Wait, by polling the file system (no collective call, so no NCCL timeout), until another
     process has made `path` visible, then map it."""
-    from layermoe.core.console import err_console
 
     path, throttle = Path(path), Throttle()
     started = time.monotonic()

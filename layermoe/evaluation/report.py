@@ -19,6 +19,7 @@ from pathlib import Path
 from layermoe.core.numbers import signed
 from layermoe.core.plotting import pyplot, save_figure
 from layermoe.evaluation.groups import forgetting_and_gain, group_averages
+from layermoe.evaluation.routing import plot_routing
 
 REPORT_NAME = "report.md"
 BPB_PLOT = "bpb.png"
@@ -414,7 +415,6 @@ def plot_bpb(manifest: dict, path: Path) -> bool:
 
 def render_report(manifest: dict, workdir: Path) -> str:
     """Write `<workdir>/report.md` (and its figures) from the manifest dict; return the markdown."""
-    from layermoe.evaluation.routing import plot_routing
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from layermoe.compat import model_loading_options, shared_gguf_parsing
 from layermoe.core.errors import LayermoeError
 from layermoe.core.integrity import check_readable_weights, file_sha256
+from layermoe.modeling import register_auto_classes
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
 EXPANDED_MODEL_TYPE = "layermoe"  # our own upcycled checkpoints (layermoe.modeling)
@@ -221,10 +223,8 @@ def _load_pretrained(where: str | Path, model_type: str, dtype, **kwargs):
     """(model, tokenizer) from a checkpoint directory or hub id whose config was already checked."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from layermoe.compat import model_loading_options
 
     if model_type == EXPANDED_MODEL_TYPE:
-        from layermoe.modeling import register_auto_classes
 
         register_auto_classes()
     if Path(where).is_dir():
@@ -249,7 +249,6 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from layermoe.compat import model_loading_options, shared_gguf_parsing
 
     architecture = gguf_architecture(source.gguf_path)
     check_supported({"model_type": architecture})  # before reading any tensor

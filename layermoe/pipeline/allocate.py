@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from layermoe.allocation import strategies as alloc
+from layermoe.allocation.strategies import NEURON_LINEAR_DEFAULTS, NEURON_MAPPINGS, validate_linear_range
 from layermoe.core.console import console, err_console
 from layermoe.core.errors import LayermoeError
 from layermoe.core.manifest import Generation, Manifest, StepStatus
 from layermoe.core.workdir import Workdir, run_step, session
 from layermoe.pipeline.options import AllocateOptions
+from layermoe.profiling.plots import plot_allocation
 
 
 def resolve_budget(budget: int | None, new_experts: int | None, num_layers: int) -> int:
@@ -28,7 +31,6 @@ def run_allocate(workdir: Workdir, options: AllocateOptions) -> None:
 def check_neuron_settings(strategy, neuron_mapping, min_experts, max_experts, budget, new_experts, rounding,
                      max_per_layer) -> tuple[int, int]:
     """Check the neuron strategy's options; (min, max) experts of the linear mapping."""
-    from layermoe.allocation.strategies import NEURON_LINEAR_DEFAULTS, NEURON_MAPPINGS, validate_linear_range
 
     linear = strategy == "neuron" and neuron_mapping == "linear"
     if neuron_mapping not in NEURON_MAPPINGS:
@@ -56,7 +58,6 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
     classifier_layers, rounding, max_per_layer = options.classifier_layers, options.rounding, options.max_per_layer
     seed, force, neuron_mapping = options.seed, options.force, options.neuron_mapping
     min_experts, max_experts = options.min_experts, options.max_experts
-    from layermoe.allocation import strategies as alloc
 
     num_layers = manifest.base_model.num_layers
     if rounding not in ("exact", "ceil"):
@@ -108,7 +109,6 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
 
         out = workdir.generation_dir(generation.index)
         out.mkdir(parents=True, exist_ok=True)
-        from layermoe.profiling.plots import plot_allocation
 
         plot_allocation(record.experts_per_layer, similarity, record.classifier_layers, out / "allocation.png",
                         uniform_reference=uniform,

@@ -8,8 +8,12 @@ from rich.markup import escape
 
 from layermoe.core.console import err_console
 from layermoe.core.errors import LayermoeError
+from layermoe.core.integrity import check_files, check_readable_weights, check_sha256, file_checksums
 from layermoe.core.manifest import MODEL_STEPS, DataSourceRecord, FileChecksum, Generation, Manifest, StepStatus
 from layermoe.core.workdir import Workdir
+from layermoe.data import load_texts
+from layermoe.modeling import load_layermoe
+from layermoe.modeling.base import load_model, resolve_model_spec
 
 
 def latest_checkpoint(generation: Generation) -> str | None:
@@ -24,7 +28,6 @@ def latest_checkpoint(generation: Generation) -> str | None:
 
 def base_source(workdir: Workdir, manifest: Manifest):
     """Where the base model recorded in the manifest is (paths are relative to the work dir): a ModelSource."""
-    from layermoe.modeling.base import resolve_model_spec
 
     base = manifest.base_model
     spec = {"hub": base.hub_id, "demo": "demo"}.get(base.kind) or str(workdir.resolve(base.path))
@@ -46,8 +49,6 @@ def load_base(workdir: Workdir, manifest: Manifest, device: str = "cpu", dtype=N
     when the work dir was made."""
     import torch
 
-    from layermoe.core.integrity import check_sha256
-    from layermoe.modeling.base import load_model
 
     base = manifest.base_model
     source = base_source(workdir, manifest)
@@ -96,7 +97,6 @@ def verify_checkpoint(workdir: Workdir, manifest: Manifest, checkpoint: str) -> 
     A truncated file is refused even with --no-verify (a loader would fail on it with a traceback).
     A folder no step of the manifest wrote (e.g. `eval --model PATH`) is not checked.
     """
-    from layermoe.core.integrity import check_files, check_readable_weights
 
     found = _writer_of(manifest, checkpoint)
     if found is None:
@@ -122,7 +122,6 @@ def load_recorded_checkpoint(workdir: Workdir, manifest: Manifest, checkpoint: s
 
 def record_checkpoint(workdir: Workdir, record, directory: Path) -> None:
     """Store in `record` what a step just wrote to `directory` (files, sha256, per-tensor digests)."""
-    from layermoe.core.integrity import file_checksums
 
     record.checkpoint = workdir.rel(directory)
     record.checkpoint_files = {name: FileChecksum(**entry) for name, entry in file_checksums(directory).items()}
@@ -132,7 +131,6 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype=None):
     import torch
     from transformers import AutoTokenizer
 
-    from layermoe.modeling import load_layermoe
 
     model = load_layermoe(path, device=device, dtype=dtype or torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -180,7 +178,6 @@ def resolve_data_spec(workdir: Workdir, source: DataSourceRecord, language: str 
 
 def texts_for(workdir: Workdir, generation: Generation, language: str, split: str, limit: int | None = None) -> list[str]:
     """Documents of one language from the data source recorded for it (train or held-out side), at most `limit`."""
-    from layermoe.data import load_texts
 
     source = generation.data[language]
     spec = resolve_data_spec(workdir, source, language)

@@ -27,7 +27,10 @@ from functools import cached_property
 from pathlib import Path
 
 from layermoe import __version__
+from layermoe.core.integrity import file_sha256
 from layermoe.core.workdir import atomic_write_text
+from layermoe.evaluation import LanguageEval, LanguageRouting, measure_languages
+from layermoe.modeling.base import weights_sha256
 
 
 def texts_fingerprint(texts: list[str]) -> str:
@@ -46,8 +49,6 @@ def model_fingerprint(source, cache_dir: str | Path | None = None) -> str:
     A checkpoint folder: every file in it (weights, config, tokenizer); a GGUF: the file; a hub
     id: the weight files of its cached snapshot.
     """
-    from layermoe.core.integrity import file_sha256
-    from layermoe.modeling.base import weights_sha256
 
     if source.kind == "local":
         files = {p.name: file_sha256(p) for p in sorted(Path(source.path).iterdir())
@@ -156,7 +157,6 @@ class Measured:
 
 def from_cache(cache: EvalCache, model: ModelUnderTest, jobs: list[EvalJob]) -> tuple[Measured, list[EvalJob]]:
     """The figures the cache holds for `jobs` on `model`, and the jobs it does not hold (nothing is loaded)."""
-    from layermoe.evaluation import LanguageEval, LanguageRouting
 
     found, missing = Measured(), []
     for job in jobs:
@@ -175,7 +175,6 @@ def measure_cached(cache: EvalCache, model: ModelUnderTest, jobs: list[EvalJob],
     """Figures for every job: from the cache where the same model, texts and settings were measured
     before (unless `force`), else measured now, one forward pass per batch, and stored. The model
     is loaded only if something is missing."""
-    from layermoe.evaluation import measure_languages
 
     result, missing = (Measured(), list(jobs)) if force else from_cache(cache, model, jobs)
     if not missing:

@@ -20,7 +20,10 @@ from layermoe.core.errors import LayermoeError
 from layermoe.core.manifest import EvalRecord, Generation, LanguageEval, Manifest, NamedTestSet, StepStatus
 from layermoe.core.progress import token_progress
 from layermoe.core.workdir import Workdir, run_step, session
-from layermoe.evaluation.lm_eval import parse_batch_size
+from layermoe.data import describe_source, load_documents, parse_data_args
+from layermoe.evaluation import forgetting_and_gain, group_averages, summarise_routing
+from layermoe.evaluation.lm_eval import parse_batch_size, run_lm_eval
+from layermoe.modeling.base import ModelSource
 from layermoe.pipeline.common import (
     base_source,
     documents_for_tokens,
@@ -76,7 +79,6 @@ class TestSet:
 
 def load_test_sets(workdir: Workdir, data: list[str], text_field: str = "text") -> list[TestSet]:
     """Parse and read every --data LANG=SPEC (any SPEC `profile` takes); bad input is one clear error."""
-    from layermoe.data import describe_source, load_documents, parse_data_args
 
     test_sets = []
     for language, spec in parse_data_args(list(data)).items():
@@ -98,7 +100,6 @@ def base_under_test(workdir: Workdir, manifest: Manifest, dtype: str = "float32"
 def checkpoint_under_test(workdir: Workdir, manifest: Manifest, stored: str, dtype: str = "float32") -> ModelUnderTest:
     """A model folder of the work dir, verified now against what its step recorded: a changed or
     truncated model is refused before anything is measured or read from the cache."""
-    from layermoe.modeling.base import ModelSource
 
     verify_checkpoint(workdir, manifest, stored)
     path = workdir.resolve(stored)
@@ -187,7 +188,6 @@ def _measure_record(workdir: Workdir, manifest: Manifest, record: EvalRecord, mo
     model and token cap (G0's record gathers the base model's figures over every eval). Test
     sets and lm-eval results of the same model are kept.
     """
-    from layermoe.evaluation import summarise_routing
 
     same_model = record.status == StepStatus.done and record.config.get("model_sha256") == model.fingerprint
     # read now: run_step replaces the config (records from before --dtype were float32)
@@ -215,7 +215,6 @@ def _measure_record(workdir: Workdir, manifest: Manifest, record: EvalRecord, mo
             # drawn by the report (render_report), like every figure that comes from the manifest
             rec.outputs["routing_plot"] = workdir.rel(workdir.generation_dir(generation.index) / "routing.png")
         if not benchmarks_known:
-            from layermoe.evaluation.lm_eval import run_lm_eval
 
             loaded, tokenizer = model.load(device)
             rec.lm_eval = run_lm_eval(loaded, tokenizer, list(tasks), num_fewshot=num_fewshot, limit=limit,
@@ -248,7 +247,6 @@ def _measure_record(workdir: Workdir, manifest: Manifest, record: EvalRecord, mo
 
 
 def _summarise(manifest: Manifest, generation: Generation, record: EvalRecord, of_base: bool) -> None:
-    from layermoe.evaluation import forgetting_and_gain, group_averages
 
     known = manifest.generation_of_language()
     bpb = {lang: r.bpb for lang, r in record.languages.items()}

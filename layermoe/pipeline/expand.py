@@ -14,9 +14,11 @@ from layermoe.core.errors import LayermoeError
 from layermoe.core.manifest import Generation, Manifest, StepStatus
 from layermoe.core.numbers import human_bytes
 from layermoe.core.workdir import Workdir, fsync_path, run_step, session
+from layermoe.modeling import add_generation, save_layermoe, upcycle
 from layermoe.pipeline.allocate import allocate_generation
 from layermoe.pipeline.common import load_generation_model, record_checkpoint, texts_for
 from layermoe.pipeline.options import AllocateOptions, ExpandOptions
+from layermoe.profiling.expert_use import most_routed_experts
 
 # Logits of the expanded model must equal the base model's this closely (fp32). Copies of
 # expert 0 mixed with weights that sum to 1 only up to rounding leave ~1 ulp per layer, which
@@ -148,8 +150,6 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
             expert_init) -> None:
     import torch
 
-    from layermoe.modeling import add_generation, save_layermoe, upcycle
-    from layermoe.profiling.expert_use import most_routed_experts
 
     source, tokenizer = load_generation_model(workdir, manifest, generation, device=device, dtype=torch.float32)
     probe = _probe_batch(workdir, generation, tokenizer, device)

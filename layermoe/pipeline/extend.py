@@ -10,14 +10,19 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from layermoe.allocation import strategies as alloc
 from layermoe.core.console import console, err_console
 from layermoe.core.devices import resolve_device
 from layermoe.core.errors import LayermoeError
 from layermoe.core.manifest import Generation, Manifest, StepStatus
 from layermoe.core.progress import token_progress
 from layermoe.core.workdir import StepAlreadyDone, Workdir, session
-from layermoe.pipeline.allocate import allocate_generation
+from layermoe.data.languages import validate_language_group
+from layermoe.modeling import ROUTER_INITS
+from layermoe.pipeline.allocate import allocate_generation, check_neuron_settings, resolve_budget
 from layermoe.pipeline.common import documents_for_tokens, latest_checkpoint, texts_for
+from layermoe.pipeline.eval_cache import EvalCache, EvalJob, measure_cached
+from layermoe.pipeline.evaluate import checkpoint_under_test
 from layermoe.pipeline.expand import expand_generation
 from layermoe.pipeline.options import ExtendOptions
 from layermoe.pipeline.profile import profile_generation
@@ -36,7 +41,6 @@ def run_extend(workdir: Workdir, options: ExtendOptions) -> None:
 
 def open_generation(manifest: Manifest, new: list[str]) -> Generation:
     """Append G(n+1) to the manifest, or return it when an interrupted `extend` already opened it."""
-    from layermoe.data.languages import validate_language_group
 
     new = validate_language_group(new, "--new")
     if not new:
@@ -83,9 +87,6 @@ def extend_generation(workdir: Workdir, manifest: Manifest, options: ExtendOptio
 
 def _check_arguments(manifest: Manifest, options: ExtendOptions) -> None:
     """Every argument of `extend`, checked before the profile (minutes on a real model) starts."""
-    from layermoe.allocation import strategies as alloc
-    from layermoe.modeling import ROUTER_INITS
-    from layermoe.pipeline.allocate import check_neuron_settings, resolve_budget
 
     allocate, expand = options.allocate, options.expand
     classifier = expand.classifier or "generation"
@@ -124,8 +125,6 @@ def measure_drift(workdir: Workdir, manifest: Manifest, generation: Generation, 
     cap of that eval (so the figures are shared), else DEFAULT_DRIFT_TOKENS. Both models are
     loaded in that eval's dtype, else in float32 (the drift is a small difference).
     """
-    from layermoe.pipeline.eval_cache import EvalCache, EvalJob, measure_cached
-    from layermoe.pipeline.evaluate import checkpoint_under_test
 
     previous = manifest.generations[generation.index - 1]
     evaluated = previous.eval.status == StepStatus.done and previous.eval.model == latest_checkpoint(previous)

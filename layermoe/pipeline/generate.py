@@ -22,7 +22,9 @@ from layermoe.core.devices import dtype_name, resolve_device, resolve_dtype, tor
 from layermoe.core.errors import LayermoeError
 from layermoe.core.manifest import Manifest
 from layermoe.core.workdir import Workdir
-from layermoe.pipeline.common import latest_checkpoint
+from layermoe.modeling.base import load_model, resolve_model_spec
+from layermoe.modeling.generation import continue_text, continue_texts
+from layermoe.pipeline.common import latest_checkpoint, texts_for
 from layermoe.pipeline.eval_cache import ModelUnderTest
 from layermoe.pipeline.evaluate import base_under_test, checkpoint_under_test
 from layermoe.pipeline.options import GenerateOptions
@@ -65,7 +67,6 @@ def model_choice(workdir: Workdir, manifest: Manifest | None, choice: str, dtype
         return model
     path = Path(choice)
     if path.is_dir() or (path.is_file() and path.suffix.lower() == ".gguf"):
-        from layermoe.modeling.base import load_model, resolve_model_spec
 
         source = resolve_model_spec(choice)
         return ModelUnderTest(choice, source, lambda device: load_model(source, device=device, dtype=torch_dtype(dtype),
@@ -93,7 +94,6 @@ def run_generate(workdir: Workdir, options: GenerateOptions) -> None:
     target = models[0]
     loaded, tokenizer = target.load(device)
     err_console.print(Text(f"{target.label}:", style="dim"), highlight=False)
-    from layermoe.modeling.generation import continue_text
 
     console.print(Text(prompt, style="bold"), end="")
     continue_text(loaded, tokenizer, prompt, **sampling,
@@ -110,7 +110,6 @@ def side_by_side(models: list[ModelUnderTest], prompts: list[tuple[str | None, s
     continues all prompts in one batch and the table is shown once (cheaper: one decoding
     step serves every prompt). The models are loaded one at a time, so memory holds one.
     """
-    from layermoe.modeling.generation import continue_text, continue_texts
 
     labelled = any(label for label, _ in prompts)
     cells = {(row, col): "" for row in range(len(prompts)) for col in range(len(models))}
@@ -165,7 +164,6 @@ def show_new_languages(workdir: Workdir, manifest: Manifest, device: str = "auto
 
     Returns {(row, column): continuation} (rows in lineage order, column 0 = base), {} with nothing to show.
     """
-    from layermoe.pipeline.common import texts_for
 
     newest = manifest.generations[-1]
     checkpoint = latest_checkpoint(newest)

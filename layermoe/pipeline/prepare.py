@@ -18,7 +18,9 @@ from rich.table import Table
 from layermoe.core.console import console
 from layermoe.core.errors import LayermoeError
 from layermoe.core.manifest import Generation, Manifest, StepStatus
+from layermoe.core.numbers import human, human_bytes
 from layermoe.core.workdir import StepAlreadyDone, Workdir, require_done, run_step, session
+from layermoe.data import Source, is_prepared, prepare, prepared_key
 from layermoe.data.selection import SELECTION_FIELDS
 from layermoe.pipeline.common import resolve_data_spec
 from layermoe.pipeline.options import PrepareOptions
@@ -42,7 +44,6 @@ def prepared_root(workdir: Workdir) -> Path:
 
 def stage_sources(workdir: Workdir, generation: Generation) -> dict:
     """The data source of every language of the generation, as recorded in the manifest."""
-    from layermoe.data import Source
 
     sources = {}
     for language, record in generation.data.items():
@@ -59,7 +60,6 @@ def stage_tokenizer(workdir: Workdir, generation: Generation):
 
 
 def stage_key(workdir: Workdir, manifest: Manifest, generation: Generation, selection, tokenizer) -> str:
-    from layermoe.data import prepared_key
 
     sources = stage_sources(workdir, generation)
     return prepared_key(sources, manifest.generation_of_language(), generation.index, selection, tokenizer)
@@ -84,7 +84,6 @@ def prepare_generation(workdir: Workdir, manifest: Manifest, generation: Generat
                        num_proc: int | None = None, force: bool = False) -> Path:
     """Prepare a stage's data as the step `prepare<stage>`, unless it is prepared for these
     settings already (StepAlreadyDone); return the prepared directory."""
-    from layermoe.data import is_prepared, prepare
 
     tokenizer = stage_tokenizer(workdir, generation)
     sources = stage_sources(workdir, generation)
@@ -135,7 +134,6 @@ def ensure_prepared(workdir: Workdir, manifest: Manifest, generation: Generation
 
 
 def prepared_table(generation: Generation, stage: int, record) -> Table:
-    from layermoe.core.numbers import human, human_bytes
 
     table = Table(title=f"stage {stage} data of G{generation.index}: {record.data_dir}", title_justify="left")
     for column in ("language", "generation", "documents", "tokens", "documents read", "source read"):

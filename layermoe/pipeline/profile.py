@@ -10,17 +10,28 @@ from rich.table import Table
 from layermoe.core.console import console, err_console
 from layermoe.core.devices import resolve_device, resolve_dtype
 from layermoe.core.errors import LayermoeError
+from layermoe.core.integrity import safetensors_checksums
 from layermoe.core.manifest import BaseModelRecord, DataSourceRecord, Generation, Manifest
 from layermoe.core.progress import token_progress
 from layermoe.core.workdir import Workdir, atomic_write_text, run_step, session
+from layermoe.data import describe_source, load_texts, parse_data_args
+from layermoe.data.languages import validate_language_group
+from layermoe.modeling.base import (
+    _read_config_json,
+    check_supported,
+    gguf_architecture,
+    resolve_model_spec,
+    weights_sha256,
+)
 from layermoe.pipeline.common import documents_for_tokens, load_generation_model, texts_for
 from layermoe.pipeline.options import ProfileOptions
+from layermoe.profiling.plots import plot_profile
+from layermoe.profiling.similarity import layer_scores, pair_means, profile_model
 
 
 def describe_data(workdir: Workdir, languages: list[str], data_args: list[str], text_field: str,
                   inherited: dict[str, DataSourceRecord] | None = None) -> dict[str, DataSourceRecord]:
     """One data source per language: --data if given, else what an earlier generation used, else builtin."""
-    from layermoe.data import describe_source, parse_data_args
 
     given = parse_data_args(data_args)
     unknown = sorted(set(given) - set(languages))
@@ -45,7 +56,6 @@ def describe_data(workdir: Workdir, languages: list[str], data_args: list[str], 
 
 def _check_enough_documents(language: str, spec: str, documents: int | None, text_field: str, workdir: Workdir) -> None:
     """Refuse now a source that `eval` could not use later: it needs a held-out document and a training one."""
-    from layermoe.data import load_texts
 
     if documents is not None and documents < 2:
         raise LayermoeError(f"data for {language!r}: {spec} has {documents} document{'' if documents == 1 else 's'}; "
@@ -57,8 +67,6 @@ def _check_enough_documents(language: str, spec: str, documents: int | None, tex
 
 def new_manifest(workdir: Workdir, model: str | None, old: list[str], new: list[str]) -> Manifest:
     """The manifest of a fresh work dir: G0 = the base model's languages, G1 = the first new group."""
-    from layermoe.data.languages import validate_language_group
-    from layermoe.modeling.base import check_supported, resolve_model_spec, weights_sha256
 
     if not model:
         raise LayermoeError("a new work dir needs --model (a local dir, a hub id, a .gguf file, or `demo`)")
@@ -90,7 +98,6 @@ def new_manifest(workdir: Workdir, model: str | None, old: list[str], new: list[
 
 def _base_tensor_digests(source) -> dict[str, dict[str, str]]:
     """Per-tensor digests of a local base model's safetensors files (they name a tensor that changes later)."""
-    from layermoe.core.integrity import safetensors_checksums
 
     if source.kind != "local":
         return {}
@@ -99,7 +106,6 @@ def _base_tensor_digests(source) -> dict[str, dict[str, str]]:
 
 def peek_model_type(source) -> str | None:
     """The architecture of a local or GGUF model, read without loading its weights."""
-    from layermoe.modeling.base import _read_config_json, gguf_architecture
 
     if source.kind == "local":
         return _read_config_json(source.path).get("model_type")
@@ -110,7 +116,6 @@ def peek_model_type(source) -> str | None:
 
 def record_base_shape(manifest: Manifest, model) -> None:
     """Fill the base model's shape once it is loaded (hub and GGUF models show it only then)."""
-    from layermoe.modeling.base import check_supported
 
     base, config = manifest.base_model, model.config
     check_supported(config)
@@ -192,8 +197,6 @@ def _check_matches(workdir: Workdir, manifest: Manifest, generation: Generation,
 
 def _profile(workdir: Workdir, manifest: Manifest, generation: Generation, record, options: ProfileOptions, device: str,
              dtype) -> None:
-    from layermoe.profiling.plots import plot_profile
-    from layermoe.profiling.similarity import layer_scores, pair_means, profile_model
 
     limit = documents_for_tokens(options.tokens)
     texts = {lang: texts_for(workdir, generation, lang, "train", limit=limit) for lang in generation.languages}

@@ -17,11 +17,13 @@ from layermoe.core.console import err_console
 from layermoe.core.errors import LayermoeError
 from layermoe.core.manifest import Generation, Manifest, StepStatus
 from layermoe.core.workdir import StepAlreadyDone, Workdir, require_done, run_step, session
+from layermoe.data import wait_for_prepared
 from layermoe.pipeline.common import record_checkpoint, verify_checkpoint
 from layermoe.pipeline.options import TrainOptions
 from layermoe.pipeline.prepare import ensure_prepared, prepared_root, stage_key, stage_tokenizer, with_prepared_settings
 from layermoe.training.config import load_train_config
 from layermoe.training.distributed import check_settings
+from layermoe.training.loop import train_stage
 
 
 def _rank() -> int:
@@ -39,7 +41,6 @@ def run_train(workdir: Workdir, options: TrainOptions) -> None:
         raise LayermoeError("--num-proc must be at least 1")
     check_settings(config)  # a launch or tracker that cannot work here: before preparing anything
     if _rank() != 0:
-        from layermoe.data import wait_for_prepared
 
         manifest = workdir.load()
         generation = manifest.current
@@ -114,7 +115,6 @@ def _clear_checkpoints(workdir, generation, stage) -> None:
 
 
 def _train(workdir: Workdir, manifest: Manifest, generation: Generation, stage: int, config, prepared_dir: Path):
-    from layermoe.training.loop import train_stage
 
     source = _source(generation, stage)
     return train_stage(

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from layermoe.core.plotting import pyplot, save_figure
+from layermoe.profiling.similarity import pair_means
 
 
 def plot_profile(
@@ -25,7 +26,6 @@ def plot_profile(
     With `neuron_counts`, the unique language-specific FFN neurons per layer (NeuronMoE) are drawn
     as bars on a second axis, so both allocation signals can be read side by side.
     """
-    from layermoe.profiling.similarity import pair_means
 
     plt = pyplot()
     new_new, new_old = pair_means(matrix, languages, old, new)

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from layermoe.core.errors import LayermoeError
+from layermoe.profiling.expert_use import RoutingMass
 from layermoe.profiling.hsa import capture_ffn_inputs, decoder_layers, token_mask, tokenizer_prepends_bos
-from layermoe.profiling.neurons import NeuronCounts
+from layermoe.profiling.neurons import NeuronAccumulator, NeuronCounts, capture_ffn_neurons, count_unique
 from layermoe.profiling.settings import NEURON_DOCUMENTS, NEURON_TOP_N, PROFILE_BATCH_TOKENS, PROFILE_TOKENS
 
 MAX_SEQUENCE_TOKENS = 1024
@@ -298,8 +299,6 @@ def profile_model(
     bos = tokenizer.bos_token_id if tokenizer_prepends_bos(tokenizer) else None
     forward_kwargs = _forward_kwargs(model)
 
-    from layermoe.profiling.expert_use import RoutingMass
-    from layermoe.profiling.neurons import NeuronAccumulator, capture_ffn_neurons, count_unique
 
     layers = decoder_layers(model)
     accumulator = SimilarityAccumulator(len(layers))

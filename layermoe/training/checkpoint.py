@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from layermoe.core.errors import LayermoeError
+from layermoe.core.integrity import check_files, file_checksums
 from layermoe.core.workdir import fsync_path
+from layermoe.training.distributed import is_sharded
 
 COMPLETE = "COMPLETE"
 _PREFIX = "step-"
@@ -178,14 +180,12 @@ def publish(root: Path, step: int, keep: int) -> Path:
 
 def checkpoint_files(stage_dir: Path) -> dict[str, dict]:
     """sha256 (and per-tensor digests) of every file of a checkpoint being written, for its state.json."""
-    from layermoe.core.integrity import file_checksums
 
     return file_checksums(stage_dir, exclude=("state.json", COMPLETE), recursive=True)
 
 
 def verify_checkpoint_files(directory: Path, state: dict) -> None:
     """Refuse to resume from a checkpoint whose files changed since they were written (one line)."""
-    from layermoe.core.integrity import check_files
 
     check_files(directory, state.get("files") or {}, shown=str(directory), written_by="training (a resume checkpoint)",
                 fix=f"delete {directory} to resume from an earlier checkpoint, or redo the stage with --force")
@@ -197,3 +197,78 @@ def write_json(path: Path, payload: dict) -> None:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------- a stage's resume points
+
+
+class ResumePoints:
+    """Save and resume one stage's training state (see the module docstring for the contents).
+
+    Holds the live objects a checkpoint is made of; `fingerprint` is what a run that resumes
+    must share with the run that saved (settings, data, frozen weights, process count).
+    """
+
+    def __init__(self, root: Path, accelerator, unwrapped, optimizer, scheduler, trainable_names: list[str],
+                 fingerprint: dict, keep: int, blocks_per_step: int):
+        self.root, self.accelerator, self.unwrapped = root, accelerator, unwrapped
+        self.optimizer, self.scheduler, self.trainable_names = optimizer, scheduler, trainable_names
+        self.fingerprint, self.keep, self.blocks_per_step = fingerprint, keep, blocks_per_step
+
+    @property
+    def _sharded(self) -> bool:
+        return is_sharded(self.accelerator)
+
+    def resume(self) -> tuple[int, int, int | None]:
+        """(first step to run - 1, tokens seen, the step resumed from or None) from the newest checkpoint."""
+        last = latest_checkpoint(self.root)
+        if last is None:
+            return 0, 0, None
+        state = read_json(last / "state.json")
+        if state["fingerprint"] != json.loads(json.dumps(self.fingerprint)):
+            raise LayermoeError(
+                f"{self.root} holds checkpoints of a different run (model, data, settings or process count differ); "
+                "use a fresh work dir or delete that folder"
+            )
+        verify_checkpoint_files(last, state)
+        if self._sharded:
+            self.accelerator.load_state(str(last / "accelerate"))
+        else:
+            from safetensors.torch import load_file
+
+            saved = load_file(str(last / "trainable.safetensors"))
+            live = dict(self.unwrapped.named_parameters())
+            with torch.no_grad():
+                for name in self.trainable_names:
+                    live[name].copy_(saved[name])
+            self.optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(last / "scheduler.pt", weights_only=False))
+        set_rng_state(torch.load(last / f"rng-rank{self.accelerator.process_index}.pt", weights_only=False))
+        return state["step"], state["tokens_seen"], state["step"]
+
+    def save(self, step: int, tokens_seen: int) -> None:
+        """Write the checkpoint of `step` atomically (every rank its own files; the main one the rest)."""
+        accelerator, main = self.accelerator, self.accelerator.is_main_process
+        if main:
+            prepare_staging(self.root, step)
+        accelerator.wait_for_everyone()
+        stage_dir = staging_dir(self.root, step)
+        if self._sharded:
+            accelerator.save_state(str(stage_dir / "accelerate"))
+        elif main:
+            from safetensors.torch import save_file
+
+            live = dict(self.unwrapped.named_parameters())
+            save_file({n: live[n].detach().cpu().contiguous() for n in self.trainable_names},
+                      str(stage_dir / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), stage_dir / "optimizer.pt")
+        torch.save(rng_state(), stage_dir / f"rng-rank{accelerator.process_index}.pt")
+        if main:
+            torch.save(self.scheduler.state_dict(), stage_dir / "scheduler.pt")
+        accelerator.wait_for_everyone()
+        if main:  # every rank's files are written: record them, verified when a run resumes from here
+            write_json(stage_dir / "state.json",
+                       {"step": step, "position": step * self.blocks_per_step, "tokens_seen": tokens_seen,
+                        "fingerprint": self.fingerprint, "files": checkpoint_files(stage_dir)})
+            publish(self.root, step, self.keep)
+        accelerator.wait_for_everyone()

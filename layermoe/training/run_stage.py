@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 
 from layermoe.core.errors import LayermoeError
+from layermoe.training.config import TrainConfig
+from layermoe.training.loop import train_stage
 
 
 def run_from_args(args: dict):
-    from layermoe.training.config import TrainConfig
-    from layermoe.training.loop import train_stage
 
     texts = args.get("texts_by_language")
     if texts is None and args.get("texts_json"):

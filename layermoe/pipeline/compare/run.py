@@ -31,14 +31,23 @@ import shutil
 from pathlib import Path
 
 from layermoe.core.console import console, err_console
+from layermoe.core.devices import resolve_device
 from layermoe.core.errors import LayermoeError
-from layermoe.core.manifest import Manifest, StepStatus
+from layermoe.core.manifest import Manifest, StepStatus, utc_now
+from layermoe.core.progress import token_progress
 from layermoe.core.workdir import Workdir, atomic_write_text, session
+from layermoe.data import prepare
+from layermoe.evaluation import evaluate_languages
+from layermoe.modeling import parameter_groups
+from layermoe.modeling.base import gguf_checkpoint_dir, load_model, resolve_model_spec
+from layermoe.pipeline.common import documents_for_tokens, load_base, load_recorded_checkpoint, texts_for
 from layermoe.pipeline.compare.plan import TITLES, check_compare_recipe, expert_budgets, plan_variants
 from layermoe.pipeline.compare.render import compare_table, summarise, write_outputs
 from layermoe.pipeline.lineage import run_lineage
 from layermoe.pipeline.options import AllocateOptions, CompareOptions
+from layermoe.pipeline.prepare import prepared_root, stage_sources
 from layermoe.pipeline.recipes import load_recipe
+from layermoe.training.loop import train_stage
 
 # ---------------------------------------------------------------- entry points
 
@@ -98,7 +107,6 @@ def run_compare(workdir: Workdir, recipe, budgets: list[int] | None = None) -> d
 
 def _base_num_layers(model: str, cache: Path) -> int:
     """The base model's layer count, read from its config (a GGUF is converted once, into the shared cache)."""
-    from layermoe.modeling.base import gguf_checkpoint_dir, load_model, resolve_model_spec
 
     source = resolve_model_spec(model)
     if source.kind == "local":
@@ -157,8 +165,6 @@ def _check_same_allocation(workdir: Workdir, manifest: Manifest, allocate: dict)
 
 def _run_dense(out: Path, reference: Workdir, manifest: Manifest, config) -> dict:
     """Fine-tune every weight of the base model on the new languages, with stage 1's settings and data."""
-    from layermoe.pipeline.common import load_base
-    from layermoe.training.loop import train_stage
 
     record_path = out / "train.json"
     wanted = config.model_dump(mode="json")
@@ -183,8 +189,6 @@ def _run_dense(out: Path, reference: Workdir, manifest: Manifest, config) -> dic
     # variant prepared the same sources with the same tokenizer and settings, so it is found there.
     from transformers import AutoTokenizer
 
-    from layermoe.data import prepare
-    from layermoe.pipeline.prepare import prepared_root, stage_sources
 
     sources = {lang: s for lang, s in stage_sources(reference, generation).items() if lang in generation.new_languages}
     prepared = prepare(sources, manifest.generation_of_language(), 1, config.data,
@@ -200,7 +204,6 @@ def _run_dense(out: Path, reference: Workdir, manifest: Manifest, config) -> dic
         work_dir=out / "run",
         show_progress=True,
     )
-    from layermoe.core.manifest import utc_now
 
     done = {
         "config": wanted,
@@ -224,8 +227,6 @@ def _run_dense(out: Path, reference: Workdir, manifest: Manifest, config) -> dic
 
 def _evaluate_all(root: Path, reference: Workdir, manifests: dict[str, Manifest], dense: dict, max_tokens, device) -> dict:
     """Bits per byte of the base model and the three variants on one set of held-out texts (cached per model)."""
-    from layermoe.core.devices import resolve_device
-    from layermoe.pipeline.common import documents_for_tokens, load_base, load_recorded_checkpoint, texts_for
 
     device = resolve_device(device)
     manifest = reference.load()
@@ -242,7 +243,6 @@ def _evaluate_all(root: Path, reference: Workdir, manifests: dict[str, Manifest]
         return texts
 
     def load_dense():
-        from layermoe.modeling.base import load_model, resolve_model_spec
 
         return load_model(resolve_model_spec(str(root / "dense" / "model")), device=device)
 
@@ -258,8 +258,6 @@ def _evaluate_all(root: Path, reference: Workdir, manifests: dict[str, Manifest]
 
 
 def _measure(path: Path, name: str, load, trained: str, languages, max_tokens, held_out, device) -> dict:
-    from layermoe.core.progress import token_progress
-    from layermoe.evaluation import evaluate_languages
 
     key = {"model": name, "trained": trained, "languages": languages, "max_tokens": max_tokens}
     if path.is_file():
@@ -282,7 +280,6 @@ def _parameter_counts(model) -> dict:
     total = sum(p.numel() for p in model.parameters())
     if getattr(model.config, "model_type", None) != "layermoe":
         return {"total_parameters": total, "trained_parameters": total}
-    from layermoe.modeling import parameter_groups
 
     sizes = dict((n, p.numel()) for n, p in model.named_parameters())
     groups = parameter_groups(model)
