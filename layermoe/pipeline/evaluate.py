@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.table import Table
@@ -151,21 +151,18 @@ def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
                  for lang in languages] + [EvalJob(t.name, t.language, t.texts) for t in test_sets])
 
     base_record = manifest.generations[0].eval
-    shared = dict(test_sets=test_sets, max_tokens=max_tokens, device=device, cache=cache, generation=generation)
-    asked = dict(force=force, tasks=tasks, num_fewshot=num_fewshot, limit=limit, include_path=include_path,
-                 batch_size=lm_eval_batch_size)
+    run = _EvalRun(workdir, manifest, generation, test_sets, max_tokens, device, cache)
+    asked = _Asked(force, list(tasks), num_fewshot, limit, include_path, lm_eval_batch_size)
     if target.label == "base":
         record = base_record
-        changed = _measure_record(workdir, manifest, record, target, jobs(False), label="eval of the base model",
-                                  merge=True, **shared, **asked)
+        changed = _measure_record(run, record, target, jobs(False), "eval of the base model", asked, merge=True)
     else:  # the base model's figures beside them: measured once, then from the cache
         base = base_under_test(workdir, manifest, dtype)
-        changed = _measure_record(workdir, manifest, base_record, base, jobs(False), label="eval of the base model",
-                                  merge=True, quiet=True, **shared)
+        changed = _measure_record(run, base_record, base, jobs(False), "eval of the base model", _Asked(),
+                                  merge=True, quiet=True)
         base.release()
         record = generation.eval
-        changed |= _measure_record(workdir, manifest, record, target, jobs(target.expanded),
-                                   label=f"eval of G{generation.index}", **shared, **asked)
+        changed |= _measure_record(run, record, target, jobs(target.expanded), f"eval of G{generation.index}", asked)
     target.release()
     if changed:
         _write_report(workdir, manifest)
@@ -177,10 +174,33 @@ def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
             console.print(test_set_table(manifest, record))
 
 
-def _measure_record(workdir: Workdir, manifest: Manifest, record: EvalRecord, model: ModelUnderTest, jobs: list[EvalJob], *,
-                    test_sets: list[TestSet], max_tokens, device, cache: EvalCache, generation: Generation, label: str,
-                    merge=False, force=False, tasks=(), num_fewshot=None, limit=None, include_path=None, quiet=False,
-                    batch_size: int | str = 1) -> bool:
+@dataclass
+class _EvalRun:
+    """What every record measured by one `eval` shares."""
+
+    workdir: Workdir
+    manifest: Manifest
+    generation: Generation
+    test_sets: list[TestSet]
+    max_tokens: int | None
+    device: str
+    cache: EvalCache
+
+
+@dataclass
+class _Asked:
+    """What the user asked of a record beyond bits per byte: lm-eval tasks, and measuring again."""
+
+    force: bool = False
+    tasks: list[str] = field(default_factory=list)
+    num_fewshot: int | None = None
+    limit: int | None = None
+    include_path: Path | None = None
+    batch_size: int | str = 1
+
+
+def _measure_record(run: _EvalRun, record: EvalRecord, model: ModelUnderTest, jobs: list[EvalJob], label: str,
+                    asked: _Asked, merge: bool = False, quiet: bool = False) -> bool:
     """Fill `record` with `model`'s figures on `jobs`, from the cache where they were measured before; True if it changed.
 
     Nothing is written when the record would not change (the same model, texts and settings
@@ -188,6 +208,10 @@ def _measure_record(workdir: Workdir, manifest: Manifest, record: EvalRecord, mo
     model and token cap (G0's record gathers the base model's figures over every eval). Test
     sets and lm-eval results of the same model are kept.
     """
+    workdir, manifest, generation, test_sets = run.workdir, run.manifest, run.generation, run.test_sets
+    max_tokens, device, cache = run.max_tokens, run.device, run.cache
+    force, tasks, num_fewshot, limit = asked.force, asked.tasks, asked.num_fewshot, asked.limit
+    include_path, batch_size = asked.include_path, asked.batch_size
 
     same_model = record.status == StepStatus.done and record.config.get("model_sha256") == model.fingerprint
     # read now: run_step replaces the config (records from before --dtype were float32)

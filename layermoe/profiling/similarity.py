@@ -255,6 +255,31 @@ def _max_length(model) -> int:
     return min(MAX_SEQUENCE_TOKENS, int(limit))
 
 
+def _check_profile_arguments(texts_by_language, tokens_per_language: int, batch_tokens: int, neuron_top_n: int,
+                             neuron_documents: int) -> None:
+    if tokens_per_language < 1:
+        raise LayermoeError(f"tokens per language must be at least 1, got {tokens_per_language}")
+    if batch_tokens < 1:
+        raise LayermoeError(f"batch tokens must be at least 1, got {batch_tokens}")
+    if neuron_top_n < 0:
+        raise LayermoeError(f"neuron top-N must be 0 (no neuron count) or more, got {neuron_top_n}")
+    if neuron_top_n and neuron_documents < 1:
+        raise LayermoeError(f"documents per language for the neuron count must be at least 1, got {neuron_documents}")
+    if not texts_by_language:
+        raise LayermoeError("no languages to profile: give text for at least one language")
+
+
+def right_padded(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [B, T], attention_mask [B, T]) of sequences padded on the right to the longest, T."""
+    width = max(len(seq) for seq in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, seq in enumerate(batch):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
 def profile_model(
     model,
     tokenizer,
@@ -281,16 +306,7 @@ def profile_model(
     language are mean-pooled. On an expanded model it also records each language's routing
     mass per expert (`expert_use.py`).
     """
-    if tokens_per_language < 1:
-        raise LayermoeError(f"tokens per language must be at least 1, got {tokens_per_language}")
-    if batch_tokens < 1:
-        raise LayermoeError(f"batch tokens must be at least 1, got {batch_tokens}")
-    if neuron_top_n < 0:
-        raise LayermoeError(f"neuron top-N must be 0 (no neuron count) or more, got {neuron_top_n}")
-    if neuron_top_n and neuron_documents < 1:
-        raise LayermoeError(f"documents per language for the neuron count must be at least 1, got {neuron_documents}")
-    if not texts_by_language:
-        raise LayermoeError("no languages to profile: give text for at least one language")
+    _check_profile_arguments(texts_by_language, tokens_per_language, batch_tokens, neuron_top_n, neuron_documents)
     if device is not None:
         model.to(device)
     input_device = model.get_input_embeddings().weight.device
@@ -298,8 +314,6 @@ def profile_model(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     bos = tokenizer.bos_token_id if tokenizer_prepends_bos(tokenizer) else None
     forward_kwargs = _forward_kwargs(model)
-
-
     layers = decoder_layers(model)
     accumulator = SimilarityAccumulator(len(layers))
     languages = list(texts_by_language)
@@ -335,13 +349,7 @@ def profile_model(
                 total = sum(len(s) for s in sequences) - skipped_bos
                 done = 0
                 for indices in _batch_indices(sequences, batch_tokens):
-                    batch = [sequences[i] for i in indices]
-                    width = len(batch[0])
-                    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, T]
-                    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, T]
-                    for row, seq in enumerate(batch):
-                        input_ids[row, : len(seq)] = torch.tensor(seq)
-                        attention_mask[row, : len(seq)] = 1
+                    input_ids, attention_mask = right_padded([sequences[i] for i in indices], pad_id)
                     mask = token_mask(input_ids, attention_mask, bos, include_bos)
                     # The neuron sample: the first `neuron_documents` sequences in (seeded) sample order.
                     rows = [row for row, i in enumerate(indices) if i < neuron_documents]

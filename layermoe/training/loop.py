@@ -40,6 +40,7 @@ from layermoe.training.reporting import StageReporter, expert_slot_counts, load_
 from layermoe.training.saving import verify_and_save
 from layermoe.training.setup import (
     DENSE_GROUPS,
+    StageData,
     StageModel,
     broadcast_from_main,
     freeze_for_stage,
@@ -291,14 +292,10 @@ def train_stage(
                    "sharded_parameters": sum(type(p).__name__ == "DTensor" for p in model.parameters())}
 
     # ---- resume
-    fingerprint = {
-        "config": config.trainable_fingerprint,
-        "current_generation": current_generation,
-        "world_size": world,
-        "frozen": frozen_digest,
-        "data": [data.blocks.documents_per_language, data.blocks.tokens_per_language, len(data.blocks),
-                 data.prepared.meta["key"]],
-    }
+    # what a resumed run must share with the one that saved: settings, data, frozen weights, processes
+    fingerprint = {"config": config.trainable_fingerprint, "current_generation": current_generation, "world_size": world,
+                   "frozen": frozen_digest, "data": [data.blocks.documents_per_language, data.blocks.tokens_per_language,
+                                                     len(data.blocks), data.prepared.meta["key"]]}
     resume = ResumePoints(work_dir / "checkpoints", accelerator, accelerator.unwrap_model(model), optimizer, scheduler,
                           stage.trainable_names, fingerprint, config.keep_checkpoints, blocks_per_step)
     start_step, tokens_seen, resumed_from = resume.resume()
@@ -317,7 +314,6 @@ def train_stage(
     # ---- verify the frozen weights, save
     checksum_by_rank = verify_and_save(accelerator, model, stage, model_dir, output_dir, data.tokenizer, config.stage,
                                        config.gradient_checkpointing)
-    num = {n: p.numel() for n, p in params.items()}
     return TrainResult(
         stage=config.stage,
         current_generation=current_generation,
@@ -325,21 +321,20 @@ def train_stage(
         tokens_seen=tokens_seen,
         final_losses=final_losses,
         trainable_groups=list(DENSE_GROUPS) if stage.dense else trainable_groups(config.stage, current_generation),
-        trainable_parameters=sum(num[n] for n in stage.trainable_names),
-        frozen_parameters=sum(num[n] for n in stage.frozen_names),
+        trainable_parameters=sum(params[n].numel() for n in stage.trainable_names),
+        frozen_parameters=sum(params[n].numel() for n in stage.frozen_names),
         frozen_checksums=stage.frozen_sums,
         trainable_checksum_by_rank=checksum_by_rank,
         resumed_from_step=resumed_from,
         output_dir=str(output_dir),
         distributed=distributed,
-        data={
-            "languages": data.blocks.languages,
-            "documents_per_language": data.blocks.documents_per_language,
-            "tokens_per_language": data.blocks.tokens_per_language,
-            "blocks": len(data.blocks),
-            "seq_len": config.seq_len,
-            "blocks_per_step": blocks_per_step,
-            "prepared": str(data.prepared.path),
-            "key": data.prepared.meta["key"],
-        },
+        data=_data_summary(data, config.seq_len, blocks_per_step),
     )
+
+
+def _data_summary(data: StageData, seq_len: int, blocks_per_step: int) -> dict:
+    """What a stage trained on, for its result and the manifest."""
+    blocks = data.blocks
+    return {"languages": blocks.languages, "documents_per_language": blocks.documents_per_language,
+            "tokens_per_language": blocks.tokens_per_language, "blocks": len(blocks), "seq_len": seq_len,
+            "blocks_per_step": blocks_per_step, "prepared": str(data.prepared.path), "key": data.prepared.meta["key"]}
