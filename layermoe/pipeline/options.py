@@ -166,11 +166,24 @@ class StatusOptions(StepOptions):
     as_json: bool = option(False, "--json", help="Print the manifest as JSON on stdout, nothing else.")
 
 
+class EnvOptions(StepOptions):
+    """`layermoe env`."""
+
+    as_json: bool = option(False, "--json", help="Print the environment as JSON only.")
+
+
 class RunOptions(StepOptions):
     """`layermoe run RECIPE`."""
 
     recipe: Path = option(..., help="A recipe YAML (a file, or the name of a shipped one: see `layermoe run --help`).",
                           typer={"argument": True})
+
+
+class RecipesOptions(StepOptions):
+    """`layermoe recipes [NAME]`."""
+
+    name: str | None = option(None, help="A shipped recipe or accelerate config: print its path (for `accelerate launch --config_file`).",
+                              typer={"argument": True})
 
 
 class CompareOptions(StepOptions):

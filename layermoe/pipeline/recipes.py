@@ -14,10 +14,12 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from rich.table import Table
 
+from layermoe.core.console import console
 from layermoe.core.errors import LayermoeError
 from layermoe.core.options import first_error
-from layermoe.pipeline.options import AllocateOptions, EvalOptions, ExpandOptions, ProfileOptions
+from layermoe.pipeline.options import AllocateOptions, EvalOptions, ExpandOptions, ProfileOptions, RecipesOptions
 from layermoe.training.config import TrainConfig, load_train_config
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # package data: layermoe/recipes/
@@ -128,3 +130,22 @@ def load_recipe(spec: str | Path) -> Recipe:
     if not recipe.generations or not recipe.generations[0].old:
         raise LayermoeError(f"recipe {path}: the first generation needs `old:` (the base model's languages)")
     return recipe
+
+
+def show_recipes(workdir, options: RecipesOptions) -> None:
+    """`layermoe recipes`: the shipped recipes and accelerate configs; with a NAME, that one's path alone."""
+    recipes, configs = shipped("recipe"), shipped("accelerate")
+    if options.name:
+        path = recipes.get(options.name) or configs.get(options.name)
+        if path is None:
+            raise LayermoeError(f"no shipped recipe or accelerate config named {options.name!r}: use one of "
+                                f"{', '.join([*recipes, *configs])}")
+        print(path)  # plain, for $(layermoe recipes fsdp2)
+        return
+    table = Table(title="shipped with layermoe", title_justify="left")
+    for column in ("name", "kind", "path"):
+        table.add_column(column, overflow="fold")
+    for kind, found in (("recipe (layermoe run NAME)", recipes), ("accelerate config", configs)):
+        for name, path in found.items():
+            table.add_row(name, kind, str(path))
+    console.print(table)

@@ -1,0 +1,42 @@
+"""`layermoe env`: the versions, each marked inside or outside the tested range."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from layermoe.cli import app
+from layermoe.core import environment
+
+
+def test_a_version_outside_the_declared_range_is_marked(monkeypatch):
+    monkeypatch.setattr(environment, "declared_ranges", lambda distribution="layermoe": {
+        "transformers": ">=5.23", "torch": ">=2.11", "accelerate": ">=1.4"})
+    versions = {"transformers": "5.17.0", "torch": "2.13.0+cpu", "accelerate": "1.16.0"}
+    monkeypatch.setattr(environment, "installed_version", lambda name: versions.get(name))
+    found = environment.environment()
+    lines = {p["name"]: p for p in found["packages"]}
+    assert lines["transformers"] == {"name": "transformers", "version": "5.17.0", "tested": ">=5.23", "in_range": False}
+    assert lines["torch"]["in_range"] is True  # a local build (+cpu) is that release
+    assert lines["accelerate"]["in_range"] is True
+    assert lines["datasets"] == {"name": "datasets", "version": None, "tested": None, "in_range": None}
+    assert found["outside_tested_range"] == ["transformers"]
+    result = CliRunner().invoke(app, ["env"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    row = next(line for line in result.output.splitlines() if "transformers" in line)
+    assert "5.17.0" in row and ">=5.23" in row and "OUTSIDE the tested range" in row
+    assert "untested: transformers" in result.output
+
+
+def test_env_json_is_the_installed_versions(monkeypatch):
+    result = CliRunner().invoke(app, ["env", "--json"])
+    assert result.exit_code == 0
+    found = json.loads(result.stdout)
+    import torch
+    import transformers
+
+    lines = {p["name"]: p for p in found["packages"]}
+    assert lines["torch"]["version"] == torch.__version__ and lines["transformers"]["version"] == transformers.__version__
+    assert found["accelerator"]["cuda_available"] == torch.cuda.is_available()
+    assert set(found) == {"layermoe", "python", "platform", "accelerator", "packages", "outside_tested_range"}
