@@ -78,7 +78,7 @@ def test_upcycle_bad_inputs_raise_one_line_errors(tiny_dirs):
     with pytest.raises(LayermoeError, match=r"^classifier layers \[1\] are not MoE layers"):
         upcycle(base, NEW_EXPERTS, classifier_layers=[1])
     model = upcycle(base, NEW_EXPERTS)
-    with pytest.raises(LayermoeError, match=r"^router_init='bogus'; use one of expert0, source, mean, zeros, normal$"):
+    with pytest.raises(LayermoeError, match=r"^router_init='bogus'; use one of expert0, source, mean, zeros, normal, reinit$"):
         add_generation(model, [1, 1, 1], router_init="bogus")
 
 

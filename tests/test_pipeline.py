@@ -436,7 +436,7 @@ def test_data_with_fewer_than_two_documents_is_refused_at_profile(tmp_path, tiny
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--router-init", "bogus"], "unknown --router-init 'bogus': use expert0, source, mean, zeros or normal"),
+    (["--router-init", "bogus"], "unknown --router-init 'bogus': use expert0, source, mean, zeros, normal or reinit"),
     (["--budget", "2"], "expert budget 2 is smaller than the 4 layers"),
     (["--drift-tokens", "0"], "--drift-tokens must be positive"),
     (["--tokens", "0"], "--tokens must be positive"),

@@ -261,6 +261,27 @@ def test_two_process_cpu_ddp_ends_with_identical_weights_on_both_ranks(tmp_path)
     assert (tmp_path / "out" / "config.json").is_file()
 
 
+def test_a_global_batch_is_the_same_sequences_per_step_on_one_and_two_processes(tmp_path):
+    """`global_batch_sequences` fixes what a step trains on; the accumulation follows the launch
+    (the recipes' micro x accumulation x world gave 8x more steps on one GPU than the authors')."""
+    expanded = _expanded(tmp_path)
+    train, _ = _corpus(40)
+    config = _small_config(1, max_steps=2, micro_batch_size=2, global_batch_sequences=8)
+    one = train_stage(expanded, tmp_path / "out1", train, GENS, 1, config, tmp_path / "work1")
+    assert one.data["blocks_per_step"] == one.data["global_batch_sequences"] == 8  # 2 x 4 accumulation x 1
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps(dict(model_dir=str(expanded), output_dir=str(tmp_path / "out2"), work_dir=str(tmp_path / "work2"),
+                                    texts_by_language=train, generation_of_language=GENS, current_generation=1,
+                                    config=config.model_dump(mode="json"))))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/cpu_ddp_2proc.yaml"),
+           "--main_process_port", str(_free_port()), "-m", "layermoe.training.run_stage", "--args-json", str(args)]
+    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads((tmp_path / "work2" / "train_result.json").read_text())
+    assert two["data"]["blocks_per_step"] == 8  # 2 x 2 accumulation x 2 processes
+    assert two["tokens_seen"] == one.tokens_seen  # the same blocks, step for step
+
+
 # ---------------------------------------------------------------- does it learn
 
 

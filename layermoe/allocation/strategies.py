@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from layermoe.core.errors import LayermoeError
 
-STRATEGIES = ("layerwise", "neuron", "uniform", "random")
+STRATEGIES = ("layerwise", "neuron", "uniform", "random")  # what --strategy chooses
+MANUAL = "manual"  # the counts given by hand (--experts-per-layer): recorded as this strategy
 ROUNDINGS = ("exact", "ceil")
 NEURON_MAPPINGS = ("proportional", "linear")
 NEURON_LINEAR_DEFAULTS = (1, 6)  # the authors' code: --min_experts 1 --max_experts 6
@@ -50,7 +52,7 @@ def validate_budget(
     strategy: str | None = None,
 ) -> None:
     """Raise LayermoeError (one line) unless these settings can give a valid allocation."""
-    if strategy is not None and strategy not in STRATEGIES:
+    if strategy is not None and strategy not in STRATEGIES and strategy != MANUAL:
         raise LayermoeError(f"unknown allocation strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if num_layers < 1:
         raise LayermoeError(f"the model has {num_layers} layers: need at least 1")
@@ -293,9 +295,66 @@ def allocate(
         if len(similarity) != num_layers:
             raise LayermoeError(f"got {len(similarity)} layer similarities for a model with {num_layers} layers: profile this model again")
         return allocate_layerwise(similarity, budget, rounding=rounding, max_per_layer=max_per_layer)
+    if strategy == "manual":
+        raise LayermoeError("the manual strategy takes its counts from --experts-per-layer")
     if strategy == "uniform":  # budget <= layers x max (checked above) keeps every count <= max
         return allocate_uniform(num_layers, budget)
     return allocate_random(num_layers, budget, seed, max_per_layer)
+
+
+def parse_layer_list(value: str | Sequence[int] | None, what: str) -> list[int] | None:
+    """"5,4,3" / a YAML list / a file holding either (commas or whitespace) -> [5, 4, 3]; None stays None.
+
+    `what` names the option in messages (e.g. "--experts-per-layer")."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value
+        path = Path(value).expanduser()  # a file keeps a long list readable
+        if ("," not in value and not value.strip().isdigit()) and path.is_file():
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise LayermoeError(f"{what} {value}: cannot read it ({e})") from None
+        if text.strip().lower() in ("", "none"):
+            return []
+        parts = [p for p in text.replace(",", " ").split() if p]
+        try:
+            return [int(p) for p in parts]
+        except ValueError:
+            raise LayermoeError(f"{what} takes whole numbers separated by commas (or a file of them), not {value!r}") from None
+    return [int(v) for v in value]
+
+
+def allocate_manual(experts_per_layer: Sequence[int], num_layers: int, max_per_layer: int | None = None) -> Allocation:
+    """The per-layer totals as given (expert 0 included): e.g. the authors' published lists."""
+    counts = [int(n) for n in experts_per_layer]
+    if len(counts) != num_layers:
+        raise LayermoeError(f"--experts-per-layer has {len(counts)} counts but the model has {num_layers} layers: "
+                            "give one total per layer, expert 0 included")
+    low = [i for i, n in enumerate(counts) if n < 1]
+    if low:
+        raise LayermoeError(f"--experts-per-layer gives layer {low[0]} {counts[low[0]]} experts: every layer keeps "
+                            "expert 0, so each total is at least 1")
+    cap = DEFAULT_MAX_PER_LAYER if max_per_layer is None else max_per_layer
+    high = [i for i, n in enumerate(counts) if n > cap]
+    if high:
+        raise LayermoeError(f"--experts-per-layer gives layer {high[0]} {counts[high[0]]} experts, over the "
+                            f"{cap} per layer allowed (--max-per-layer)")
+    return Allocation(counts, 0)
+
+
+def check_classifier_placement(layers: Sequence[int], moe_after: Sequence[int]) -> list[int]:
+    """Classifier layers given by hand (`--classifier-at`): real layers, each a MoE layer of the model built."""
+    chosen = sorted(set(int(i) for i in layers))
+    outside = [i for i in chosen if not 0 <= i < len(moe_after)]
+    if outside:
+        raise LayermoeError(f"--classifier-at {outside[0]}: the model has layers 0..{len(moe_after) - 1}")
+    dense = [i for i in chosen if moe_after[i] <= 1]
+    if dense:
+        raise LayermoeError(f"--classifier-at {dense[0]}: layer {dense[0]} gets no new expert (it stays dense), so a "
+                            "routing classifier there would decide nothing: put classifiers on MoE layers")
+    return chosen
 
 
 def default_classifier_k(num_layers: int) -> int:

@@ -48,6 +48,17 @@ class FlagsFrom:
     only: tuple[str, ...] | None = None
 
 
+def join_numbers(value: Any) -> Any:
+    """A YAML list of layer numbers or counts -> "5,4,3", the form the command line gives (a file path stays)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return value
+
+
+# Per-layer numbers: "5,4,3" (or a file of them) on the command line, a list in a recipe.
+NumberList = Annotated[str | None, BeforeValidator(join_numbers)]
+
+
 def first_error(err: ValidationError) -> tuple[str, str]:
     """(dotted location, message) of a pydantic error's first problem."""
     first = err.errors()[0]

@@ -223,9 +223,13 @@ class _Lock:
 # --------------------------------------------------------------------------- one language
 
 
-def _budget(lang: str, new: list[str], selection: DataSelection, done: list[dict]) -> Budget:
+def _budget(lang: str, generation: int, new: list[str], selection: DataSelection, done: list[dict]) -> Budget:
     if lang in new:
         return Budget(selection.docs_per_new_language, selection.tokens_per_language)
+    by_docs = (selection.replay_docs_by_generation or {}).get(generation)
+    by_tokens = (selection.replay_tokens_by_generation or {}).get(generation)
+    if by_docs is not None or by_tokens is not None:  # this earlier generation's own replay budget
+        return Budget(by_docs, by_tokens)
     documents = selection.docs_per_old_language
     if documents is None and selection.tokens_per_old_language is None:
         kept = [s["documents"] for s in done if s["language"] in new]
@@ -353,7 +357,7 @@ def prepare(sources: Mapping[str, Source], generation_of_language: Mapping[str, 
                 for lang in new + old:
                     if lang in done:
                         continue
-                    budget = _budget(lang, new, selection, partial.done)
+                    budget = _budget(lang, int(generation_of_language[lang]), new, selection, partial.done)
                     stats = _prepare_language(sources[lang], int(generation_of_language[lang]), budget, selection,
                                               partial, tokenizer, num_proc, progress, chunk_bytes, on_progress)
                     partial.commit(stats)

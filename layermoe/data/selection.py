@@ -6,7 +6,8 @@
   through a seeded shuffle buffer, `data/prepare.py`);
 - stage 2 caps each new language at `docs_per_new_language` (authors: 100,000 documents) and each
   old one at `docs_per_old_language`, else `tokens_per_old_language`, else `replay_ratio` x the
-  mean new-language document count (authors: 50,000 = 0.5 x 100,000).
+  mean new-language document count (authors: 50,000 = 0.5 x 100,000); `replay_docs_by_generation`
+  (or `replay_tokens_by_generation`) sets it per earlier generation instead.
 
 `prepare` takes it directly; `TrainConfig` holds it as its `data` field.
 """
@@ -40,6 +41,10 @@ class DataSelection(StepOptions):
                                                help="Stage 2: document budget per replayed old language.")
     replay_ratio: float = option(STAGE2_REPLAY_RATIO, "--replay-ratio", ge=0,
                                  help="Stage 2: old-language documents = this x the mean new-language count (default 0.5).")
+    # Stage 2, per earlier generation: documents (or tokens) per language of generation g, over the
+    # settings above (the authors' G2 replays G1's languages at 100,000 and G0's at 50,000).
+    replay_docs_by_generation: dict[int, int] | None = None
+    replay_tokens_by_generation: dict[int, int] | None = None
     shuffle_buffer: int = Field(SHUFFLE_BUFFER, gt=0)
     heldout_fraction: float = Field(HELDOUT_FRACTION, gt=0, lt=1)
 
@@ -54,11 +59,15 @@ class DataSelection(StepOptions):
         """The settings that decide the data (stage 1 has no replay)."""
         fields = self.model_dump(mode="json")
         if self.stage == 1:
-            for name in ("tokens_per_old_language", "docs_per_old_language", "replay_ratio"):
+            for name in ("tokens_per_old_language", "docs_per_old_language", "replay_ratio", "replay_docs_by_generation",
+                         "replay_tokens_by_generation"):
                 fields.pop(name)
+        for name in ("replay_docs_by_generation", "replay_tokens_by_generation"):
+            if fields.get(name) is None:
+                fields.pop(name, None)  # unset: the key of data prepared before these settings existed
         return fields
 
 
 # The fields a training config or a recipe's stage section sets (the rest are internal defaults).
 SELECTION_FIELDS = ("seed", "tokens_per_language", "docs_per_new_language", "tokens_per_old_language",
-                    "docs_per_old_language", "replay_ratio")
+                    "docs_per_old_language", "replay_ratio", "replay_docs_by_generation", "replay_tokens_by_generation")

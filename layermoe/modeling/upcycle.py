@@ -25,7 +25,7 @@ from layermoe.modeling.modeling_layermoe import (
     decoder_layers,
 )
 
-ROUTER_INITS = ("expert0", "source", "mean", "zeros", "normal")
+ROUTER_INITS = ("expert0", "source", "mean", "zeros", "normal", "reinit")
 # The files a checkpoint carries so that it loads with trust_remote_code=True without layermoe:
 # name in the checkpoint -> source file in this package.
 _SELF_CONTAINED_FILES = {
@@ -162,7 +162,9 @@ def add_generation(
           `extend` measures per earlier language; README, "Extending");
       "source": copy the row of the expert the new experts copy (the same tie, with the source
           expert; equal to "expert0" without `expert_sources`);
-      "mean": mean of the learned rows; "zeros"; "normal": N(0, init std).
+      "mean": mean of the learned rows; "zeros"; "normal": N(0, init std);
+      "reinit": every row, the learned ones too, drawn afresh (Xavier normal, seeded): the authors' G2,
+          which throws away what the router learned (METHOD.md sec. 5).
     Classifiers are rebuilt on `classifier_layers` with one class per generation, G0..G(n+1)
     (or `classifier_classes`; 2 keeps the paper's binary old/new), keeping learned rows where a layer keeps its classifier; new rows
     and new classifiers are N(0, init std). Layers that get no new expert stay as they were.
@@ -217,7 +219,10 @@ def add_generation(
                 _copy_source(block.experts[f"g{generation}"], old_block, expert0, sources[i])
             # Router: learned rows kept, new rows appended.
             w = block.router.weight  # [E_new, H]
-            if old_block is not None:
+            if router_init == "reinit":
+                fan_out, fan_in = w.shape
+                w.copy_(_seeded_normal(w.shape, (2.0 / (fan_in + fan_out)) ** 0.5, seed + i, w))
+            elif old_block is not None:
                 old_w = old_block.router.weight
                 w[: old_w.shape[0]].copy_(old_w)
                 if n > 0:

@@ -62,14 +62,20 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
     num_layers = manifest.base_model.num_layers
     if rounding not in ("exact", "ceil"):
         raise LayermoeError(f"unknown rounding {rounding!r}: use exact or ceil")
+    manual = manual_counts(manifest, generation, options)
+    classifier_at = alloc.parse_layer_list(options.classifier_at, "--classifier-at")
+    if manual is not None:
+        strategy, budget, new_experts = "manual", sum(manual), None
     low, high = check_neuron_settings(strategy, neuron_mapping, min_experts, max_experts, budget, new_experts, rounding,
                                  max_per_layer)
     linear = strategy == "neuron" and neuron_mapping == "linear"
     budget = None if linear else resolve_budget(budget, new_experts, num_layers)
+    if classifier_at is not None and classifier_layers is not None:
+        raise LayermoeError("give --classifier-at (the layers) or --classifier-layers (how many of the most similar), not both")
     # LayerMoE puts routing classifiers on its K most similar layers; the uniform (MoE-LPR) baseline has none.
     if classifier_layers is None:
         classifier_layers = 0 if strategy == "uniform" else alloc.default_classifier_k(num_layers)
-    k = classifier_layers
+    k = len(classifier_at) if classifier_at is not None else classifier_layers
     alloc.validate_budget(num_layers, budget if budget is not None else num_layers, max_per_layer, k=k, strategy=strategy)
     profiled = generation.profile.status == StepStatus.done
     if strategy in ("layerwise", "neuron") and not profiled:
@@ -80,14 +86,27 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
         raise LayermoeError(f"the profile of G{generation.index} has no neuron counts (an older layermoe, or --neuron-top-n 0): "
                             "redo it with `layermoe profile --force`")
 
+    if manual is not None:
+        alloc.allocate_manual(manual, num_layers, max_per_layer)  # checked now, before anything is written
+    if classifier_at is not None:
+        earlier = _earlier_new_experts(manifest, generation)
+        if manual is not None:  # the model this generation builds is known already: check the placement now
+            alloc.check_classifier_placement(classifier_at, [n + sum(e) for n, e in zip(manual, earlier)])
     config = dict(budget=budget, strategy=strategy, classifier_layers=k, rounding=rounding, max_per_layer=max_per_layer, seed=seed)
+    if manual is not None:
+        config["experts_per_layer"] = list(manual)
+    if classifier_at is not None:
+        config["classifier_at"] = list(classifier_at)
     if strategy == "neuron":
         config.update(neuron_mapping=neuron_mapping, **(dict(min_experts=low, max_experts=high) if linear else {}))
     with run_step(workdir, manifest, generation.allocation, f"allocation of G{generation.index}", config, force) as record:
         similarity = generation.profile.similarity if profiled else None
-        result = alloc.allocate(strategy, num_layers, budget, similarity, rounding=rounding,
-                                max_per_layer=max_per_layer, seed=seed, neuron_counts=generation.profile.neuron_counts,
-                                neuron_mapping=neuron_mapping, min_experts=low, max_experts=high)
+        if manual is not None:
+            result = alloc.allocate_manual(manual, num_layers, max_per_layer)
+        else:
+            result = alloc.allocate(strategy, num_layers, budget, similarity, rounding=rounding,
+                                    max_per_layer=max_per_layer, seed=seed, neuron_counts=generation.profile.neuron_counts,
+                                    neuron_mapping=neuron_mapping, min_experts=low, max_experts=high)
         experts, overshoot = result.experts_per_layer, result.overshoot
         budget = result.total if linear else budget  # the linear mapping reports the total it reached
         record.strategy, record.budget, record.rounding, record.overshoot = strategy, budget, rounding, overshoot
@@ -97,8 +116,11 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
         # Candidates: the MoE layers of the model this generation builds, i.e. with experts of this or an
         # earlier generation (a layer that got G1 experts but none now keeps its router and can keep a classifier).
         moe_after = [1 + n + sum(earlier) for n, earlier in zip(record.new_experts_per_layer, _earlier_new_experts(manifest, generation))]
-        record.classifier_layers = alloc.classifier_layers(similarity, k, moe_after) if similarity is not None else []
-        if similarity is not None and len(record.classifier_layers) < k:
+        if classifier_at is not None:  # by hand: exactly these (a MoE layer each)
+            record.classifier_layers = alloc.check_classifier_placement(classifier_at, moe_after)
+        else:
+            record.classifier_layers = alloc.classifier_layers(similarity, k, moe_after) if similarity is not None else []
+        if classifier_at is None and similarity is not None and len(record.classifier_layers) < k:
             err_console.print(f"[yellow]note:[/] only {len(record.classifier_layers)} layers are MoE layers, so "
                               f"{len(record.classifier_layers)} classifiers instead of {k}", soft_wrap=True)
         base = manifest.base_model
@@ -120,6 +142,38 @@ def allocate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
                               f"({budget - num_layers} new experts); it is not budget-bound", soft_wrap=True)
         if overshoot:
             err_console.print(f"[yellow]note:[/] literal ceil (Eq. 10) gives Σ N^i = {sum(experts)}, {overshoot} over δ = {budget}", soft_wrap=True)
+
+
+def manual_counts(manifest: Manifest, generation: Generation, options: AllocateOptions) -> list[int] | None:
+    """This generation's per-layer totals (expert 0 included) given by hand, or None.
+
+    `--experts-per-layer` is this generation's (1 + its new experts); `--total-experts-per-layer` each
+    layer's experts after it, earlier generations' included (the authors' G2 lists), from which the
+    new experts are what is added to what the model has."""
+    given = alloc.parse_layer_list(options.experts_per_layer, "--experts-per-layer")
+    totals = alloc.parse_layer_list(options.total_experts_per_layer, "--total-experts-per-layer")
+    if given is not None and totals is not None:
+        raise LayermoeError("give --experts-per-layer (this generation's) or --total-experts-per-layer (the model's), not both")
+    if given is None and totals is None:
+        if options.strategy == "manual":
+            raise LayermoeError("--strategy manual takes its counts from --experts-per-layer 5,4,3,... (expert 0 included)")
+        return None
+    if "strategy" in options.model_fields_set and options.strategy != "manual":
+        raise LayermoeError(f"--experts-per-layer gives the counts itself: drop --strategy {options.strategy}")
+    if options.budget is not None or options.new_experts is not None:
+        raise LayermoeError("--experts-per-layer gives the counts itself: drop --budget/--new-experts (δ is their sum)")
+    if totals is None:
+        return given
+    earlier = [sum(row) for row in _earlier_new_experts(manifest, generation)]
+    if len(totals) != len(earlier):
+        raise LayermoeError(f"--total-experts-per-layer has {len(totals)} counts but the model has {len(earlier)} layers: "
+                            "give one total per layer, every generation's experts and expert 0 included")
+    fewer = [i for i, (t, e) in enumerate(zip(totals, earlier)) if t < 1 + e]
+    if fewer:
+        i = fewer[0]
+        raise LayermoeError(f"--total-experts-per-layer gives layer {i} {totals[i]} experts, but it has {1 + earlier[i]} "
+                            "already (expert 0 and the earlier generations'): a total counts every generation's experts")
+    return [t - e for t, e in zip(totals, earlier)]
 
 
 def _earlier_new_experts(manifest: Manifest, generation: Generation) -> list[list[int]]:

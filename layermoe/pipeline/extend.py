@@ -108,6 +108,14 @@ def _check_arguments(manifest: Manifest, options: ExtendOptions) -> None:
     check_neuron_settings(strategy, allocate.neuron_mapping, allocate.min_experts, allocate.max_experts,
                           allocate.budget, allocate.new_experts, "exact", None)
     linear = strategy == "neuron" and allocate.neuron_mapping == "linear"
+    manual = allocate.experts_per_layer is not None or allocate.total_experts_per_layer is not None
+    if manual:
+        from layermoe.pipeline.allocate import manual_counts
+
+        counts = manual_counts(manifest, manifest.current if manifest.current.index >= 2 and
+                               manifest.current.new_languages == options.new else _next(manifest), allocate)
+        alloc.allocate_manual(counts, manifest.base_model.num_layers)
+        return
     if allocate.budget is None and allocate.new_experts is None and not linear:
         raise LayermoeError("give --budget (δ, counting expert 0 of every layer) or --new-experts for the new generation")
     num_layers = manifest.base_model.num_layers
@@ -115,6 +123,11 @@ def _check_arguments(manifest: Manifest, options: ExtendOptions) -> None:
         delta = resolve_budget(allocate.budget, allocate.new_experts, num_layers)
         k = alloc.default_classifier_k(num_layers) if allocate.classifier_layers is None else allocate.classifier_layers
         alloc.validate_budget(num_layers, delta, k=k, strategy=strategy)
+
+
+def _next(manifest: Manifest) -> Generation:
+    """The generation `extend` is about to open (not appended: only its index matters to the checks)."""
+    return Generation(index=manifest.current.index + 1, old_languages=manifest.current.languages, new_languages=[])
 
 
 def measure_drift(workdir: Workdir, manifest: Manifest, generation: Generation, device: str, max_tokens: int | None) -> dict:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
-from layermoe.core.options import CommaList, FlagsFrom, StepOptions, option
+from layermoe.core.options import CommaList, FlagsFrom, NumberList, StepOptions, option
 from layermoe.data.selection import DataSelection
 from layermoe.profiling.settings import NEURON_DOCUMENTS, NEURON_TOP_N, PROFILE_BATCH_TOKENS, PROFILE_TOKENS
 from layermoe.training.config import TrainConfig
@@ -39,6 +39,9 @@ class ProfileOptions(StepOptions):
     dtype: str = option("auto", help="auto | float32 | bfloat16")
     seed: int = option(0, help="Seed of the token sample.")
     include_bos: bool = option(False, "--include-bos", help="Keep the beginning-of-sequence token.")
+    document_order: str = option("shuffled", help="shuffled (seeded, the default) | file: the first documents in the source's order (the authors')")
+    long_documents: str = option("split", help="split: a long document gives several sequences (the default) | truncate: cut at --max-document-tokens (the authors')")
+    max_document_tokens: int | None = option(None, help="Tokens of one profiled sequence at most (default 1,024 or the model's limit; the authors: 10,000).")
     neuron_top_n: int = option(NEURON_TOP_N, "--neuron-top-n", help="Language-specific neurons kept per language (NeuronMoE; 0 = no neuron count).")
     neuron_documents: int = option(NEURON_DOCUMENTS, "--neuron-docs", help="Documents per language whose pooled FFN responses rank the neurons.")
     force: bool = option(False, "--force", help="Redo the step even if it is done.")
@@ -56,6 +59,9 @@ class AllocateOptions(StepOptions):
     neuron_mapping: str = option("proportional", "--neuron-mapping", help="neuron strategy: proportional (Σ N^i = δ) | linear (the authors' min-max formula, not budget-bound)")
     min_experts: int | None = option(None, "--min-experts", help="Linear neuron mapping: experts of the layer with fewest neurons (default 1).")
     max_experts: int | None = option(None, "--max-experts", help="Linear neuron mapping: experts of the layer with most neurons (default 6).")
+    experts_per_layer: NumberList = option(None, "--experts-per-layer", help="Totals per layer, expert 0 included (e.g. 5,4,3,...), or a file of them: the manual strategy (the authors' published lists).")
+    total_experts_per_layer: NumberList = option(None, "--total-experts-per-layer", help="G2 and later, manual: each layer's total after this generation, earlier generations' experts included (the authors' G2 lists).")
+    classifier_at: NumberList = option(None, "--classifier-at", help="Routing classifiers on exactly these layers (0-based, e.g. 5,6,10,11), or `none`.")
     seed: int = option(0, help="Seed of the random strategy.")
     force: bool = option(False, "--force")
 

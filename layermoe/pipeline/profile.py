@@ -150,6 +150,12 @@ def _check_profile_options(options: ProfileOptions) -> None:
     if options.tokens < 1 or options.batch_tokens < 1:
         raise LayermoeError("--tokens and --batch-tokens must be positive")
     _check_neuron_options(options.neuron_top_n, options.neuron_documents)
+    if options.document_order not in ("shuffled", "file"):
+        raise LayermoeError(f"unknown --document-order {options.document_order!r}: use shuffled or file")
+    if options.long_documents not in ("split", "truncate"):
+        raise LayermoeError(f"unknown --long-documents {options.long_documents!r}: use split or truncate")
+    if options.max_document_tokens is not None and options.max_document_tokens < 2:
+        raise LayermoeError(f"--max-document-tokens must be at least 2, not {options.max_document_tokens}")
 
 
 def _check_neuron_options(neuron_top_n: int, neuron_documents: int) -> None:
@@ -161,13 +167,16 @@ def _check_neuron_options(neuron_top_n: int, neuron_documents: int) -> None:
 
 def profile_generation(workdir: Workdir, manifest: Manifest, generation: Generation, options: ProfileOptions) -> None:
     """Profile one generation inside an open session (the CLI's, `extend`'s and the recipe runner's shared body)."""
-    _check_neuron_options(options.neuron_top_n, options.neuron_documents)
+    _check_profile_options(options)
     generation.data = describe_data(workdir, generation.languages, list(options.data), options.text_field,
                                     inherited=generation.data)
     device = resolve_device(options.device)
     config = dict(tokens=options.tokens, batch_tokens=options.batch_tokens, device=device, dtype=options.dtype,
                   seed=options.seed, include_bos=options.include_bos, neuron_top_n=options.neuron_top_n,
                   neuron_documents=options.neuron_documents)
+    if options.model_fields_set & {"document_order", "long_documents", "max_document_tokens"}:  # the authors' context
+        config.update(document_order=options.document_order, long_documents=options.long_documents,
+                      max_document_tokens=options.max_document_tokens)
     label = f"profile of G{generation.index}"
     with run_step(workdir, manifest, generation.profile, label, config, options.force) as record:
         _profile(workdir, manifest, generation, record, options, device, resolve_dtype(options.dtype, device))
@@ -207,7 +216,8 @@ def _profile(workdir: Workdir, manifest: Manifest, generation: Generation, recor
         result = profile_model(model, tokenizer, texts, tokens_per_language=options.tokens,
                                batch_tokens=options.batch_tokens, include_bos=options.include_bos, seed=options.seed,
                                device=device, progress=update, neuron_top_n=options.neuron_top_n,
-                               neuron_documents=options.neuron_documents)
+                               neuron_documents=options.neuron_documents, max_document_tokens=options.max_document_tokens,
+                               document_order=options.document_order, long_documents=options.long_documents)
     old, new = generation.old_languages, generation.new_languages
     record.languages = list(result.languages)
     record.matrix = result.matrix

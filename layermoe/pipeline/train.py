@@ -22,7 +22,7 @@ from layermoe.pipeline.common import record_checkpoint, verify_checkpoint
 from layermoe.pipeline.options import TrainOptions
 from layermoe.pipeline.prepare import ensure_prepared, prepared_root, stage_key, stage_tokenizer, with_prepared_settings
 from layermoe.training.config import load_train_config
-from layermoe.training.distributed import check_settings
+from layermoe.training.distributed import check_settings, launched_world_size
 from layermoe.training.loop import train_stage
 
 
@@ -68,7 +68,8 @@ def train_generation(workdir: Workdir, manifest: Manifest, generation: Generatio
     if record.status == StepStatus.done and not force:
         raise StepAlreadyDone(f"{label} is done already (use --force to redo it)")
     _verify_source(workdir, manifest, generation, stage)  # before --force clears anything
-    config = with_prepared_settings(generation, stage, config)
+    # the prepared data's settings; a global batch's accumulation for this launch (recorded as used)
+    config = with_prepared_settings(generation, stage, config).for_world_size(launched_world_size())
     prepared_dir, fresh = ensure_prepared(workdir, manifest, generation, stage, config, num_proc=num_proc)
 
     def stale(previous):

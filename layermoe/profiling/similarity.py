@@ -181,17 +181,21 @@ def sample_sequences(
     max_length: int,
     language: str = "",
     include_bos: bool = False,
+    document_order: str = "shuffled",
+    long_documents: str = "split",
 ) -> list[list[int]]:
     """Token id sequences holding exactly `tokens` counted tokens (fewer if the texts run out).
 
-    Documents are shuffled with `seed` (and the language name), tokenized the tokenizer's usual
-    way (BOS when it prepends one), taken in order until the budget is met, the last one cut
-    short. A document longer than `max_length` is split into several sequences; each piece
-    after the first gets the BOS again when the tokenizer prepends one. BOS is not counted
-    unless include_bos.
+    Documents are shuffled with `seed` (and the language name), or kept in the source's order
+    (`document_order="file"`, the authors'), tokenized the tokenizer's usual way (BOS when it
+    prepends one), taken in order until the budget is met, the last one cut short. A document
+    longer than `max_length` is split into several sequences, each piece after the first with
+    the BOS again when the tokenizer prepends one; or (`long_documents="truncate"`, the authors')
+    cut at `max_length`, the rest dropped. BOS is not counted unless include_bos.
     """
     docs = [t for t in texts if t and t.strip()]
-    random.Random(f"{seed}/{language}").shuffle(docs)
+    if document_order == "shuffled":
+        random.Random(f"{seed}/{language}").shuffle(docs)
     bos = tokenizer.bos_token_id if tokenizer_prepends_bos(tokenizer) else None
     bos_cost = 1 if include_bos else 0  # what a leading BOS costs from the budget
     sequences: list[list[int]] = []
@@ -206,6 +210,8 @@ def sample_sequences(
             lead = [bos] if bos is not None and ids[:1] == [bos] else []
             body = ids[len(lead) :]
             step = max(1, max_length - len(lead))
+            if long_documents == "truncate":
+                body = body[:step]
             for piece_start in range(0, len(body), step):
                 piece = body[piece_start : piece_start + step]
                 counted = len(piece) + len(lead) * bos_cost
@@ -250,9 +256,11 @@ def _forward_kwargs(model) -> dict:
     return kwargs
 
 
-def _max_length(model) -> int:
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or MAX_SEQUENCE_TOKENS
-    return min(MAX_SEQUENCE_TOKENS, int(limit))
+def _max_length(model, cap: int | None = None) -> int:
+    """Tokens in one profiled sequence at most: `cap` (default 1,024), never past the model's positions."""
+    cap = MAX_SEQUENCE_TOKENS if cap is None else cap
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or cap
+    return min(cap, int(limit))
 
 
 def _check_profile_arguments(texts_by_language, tokens_per_language: int, batch_tokens: int, neuron_top_n: int,
@@ -292,6 +300,9 @@ def profile_model(
     progress: Callable[[str, int, int], None] | None = None,
     neuron_top_n: int = NEURON_TOP_N,
     neuron_documents: int = NEURON_DOCUMENTS,
+    max_document_tokens: int | None = None,
+    document_order: str = "shuffled",
+    long_documents: str = "split",
 ) -> ProfileResult:
     """Run the model once over up to `tokens_per_language` sampled tokens of each language and
     return the language x language similarity matrix of every layer (Eq. 8).
@@ -304,13 +315,15 @@ def profile_model(
     The same pass counts language-specific FFN neurons (`neurons.py`; `neuron_top_n` = 0 skips
     it, as does a single language): the first `neuron_documents` sampled sequences of each
     language are mean-pooled. On an expanded model it also records each language's routing
-    mass per expert (`expert_use.py`).
+    mass per expert (`expert_use.py`). The authors' context (METHOD.md sec. 1 and README, "Paper
+    setting vs layermoe default"): `document_order="file"`, `long_documents="truncate"`,
+    `max_document_tokens=10_000`, `include_bos=True`.
     """
     _check_profile_arguments(texts_by_language, tokens_per_language, batch_tokens, neuron_top_n, neuron_documents)
     if device is not None:
         model.to(device)
     input_device = model.get_input_embeddings().weight.device
-    max_length = min(_max_length(model), batch_tokens)
+    max_length = min(_max_length(model, max_document_tokens), batch_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     bos = tokenizer.bos_token_id if tokenizer_prepends_bos(tokenizer) else None
     forward_kwargs = _forward_kwargs(model)
@@ -342,7 +355,8 @@ def profile_model(
         reading_neurons = capture_ffn_neurons(model, on_activation) if neurons is not None else nullcontext()
         with torch.no_grad(), capture_ffn_inputs(model, on_input), reading_neurons:
             for language, texts in texts_by_language.items():
-                sequences = sample_sequences(tokenizer, texts, tokens_per_language, seed, max_length, language, include_bos)
+                sequences = sample_sequences(tokenizer, texts, tokens_per_language, seed, max_length, language, include_bos,
+                                             document_order, long_documents)
                 if not sequences:
                     raise LayermoeError(f"no text to profile for language {language!r}: its data is empty")
                 skipped_bos = 0 if include_bos or bos is None else sum(s[0] == bos for s in sequences)

@@ -41,6 +41,14 @@ class TrainConfig(StepOptions):
     alpha: float = Field(0.01, ge=0)  # load balancing (stage 1)
     beta: float = Field(0.1, ge=0)  # LPR (stage 2)
     gamma: float = Field(0.1, ge=0)  # routing classifier (stage 2)
+    # The authors' operating points, as options (README, "Paper setting vs layermoe default"):
+    balance_form: Literal["switch-normalised", "mixtral"] = "switch-normalised"  # mixtral: k x ours at one alpha
+    lpr_form: Literal["nll", "authors"] = "nll"  # authors: cross-entropy of the probabilities (double softmax)
+    lpr_tokens: Literal["earlier", "g0"] = "earlier"  # g0: only G0's tokens get the prior (the authors' G2)
+    # Sequences per optimizer step over all processes; the accumulation follows from the launch
+    # (global = micro_batch_size x grad_accum_steps x processes). None: grad_accum_steps as given.
+    global_batch_sequences: int | None = option(None, "--global-batch", gt=0,
+                                                help="Sequences per optimizer step over every process (the accumulation follows).")
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
@@ -75,6 +83,18 @@ class TrainConfig(StepOptions):
         if "seed" not in self.data.model_fields_set:  # the data's choice follows the run's seed unless set
             object.__setattr__(self.data, "seed", self.seed)
         return self
+
+    def for_world_size(self, world_size: int) -> "TrainConfig":
+        """This config with `grad_accum_steps` derived from `global_batch_sequences` for `world_size` processes."""
+        if self.global_batch_sequences is None:
+            return self
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_sequences % per_step:
+            raise LayermoeError(
+                f"a global batch of {self.global_batch_sequences:,} sequences is not a whole number of micro-batches of "
+                f"{self.micro_batch_size} on {world_size} process{'es' if world_size > 1 else ''} ({per_step} per "
+                f"accumulation step): choose a global batch divisible by {per_step}, or another --micro-batch")
+        return self.model_copy(update={"grad_accum_steps": self.global_batch_sequences // per_step})
 
     def explicit_data_settings(self) -> set[str]:
         """The data settings given explicitly (the run's seed counts for the data's)."""

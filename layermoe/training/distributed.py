@@ -85,6 +85,7 @@ def check_settings(config) -> None:
     """What `make_accelerator` would refuse, checked before any long work (prepare, loading)."""
     check_launch_environment()
     resolve_trackers(config.report_to)
+    config.for_world_size(launched_world_size())  # a global batch that the processes cannot split
 
 
 def make_accelerator(config, run_dir=None):

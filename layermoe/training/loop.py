@@ -34,7 +34,7 @@ from layermoe.core.errors import LayermoeError
 from layermoe.data import PackedData, block_indices
 from layermoe.training.checkpoint import ResumePoints
 from layermoe.training.config import TrainConfig
-from layermoe.training.distributed import make_accelerator
+from layermoe.training.distributed import launched_world_size, make_accelerator
 from layermoe.training.losses import classifier_over_layers, load_balancing_over_layers, lpr_over_layers
 from layermoe.training.reporting import StageReporter, expert_slot_counts, load_fractions
 from layermoe.training.saving import verify_and_save
@@ -93,11 +93,12 @@ def stage_loss(
     token_generation = batch["generation"].reshape(-1)  # [T], -100 on padding
     parts = {"ntp": ntp}
     if stage == 1:
-        balance = load_balancing_over_layers(outputs.router_logits, token_mask, top_k)
+        balance = load_balancing_over_layers(outputs.router_logits, token_mask, top_k, config.balance_form)
         parts["balance"] = balance
         total = ntp + config.alpha * balance
     else:
-        lpr = lpr_over_layers(outputs.router_logits, token_generation, expert_generation, current_generation)
+        lpr = lpr_over_layers(outputs.router_logits, token_generation, expert_generation, current_generation,
+                              config.lpr_form, config.lpr_tokens)
         cls = classifier_over_layers(outputs.classifier_logits or {}, token_generation)
         parts["lpr"], parts["classifier"] = lpr, cls
         total = ntp + config.beta * lpr + config.gamma * cls
@@ -267,6 +268,7 @@ def train_stage(
     log_path = Path(log_path) if log_path is not None else work_dir / "train_log.jsonl"
 
     # ---- setup: data (before any process group exists), devices, model, length
+    config = config.for_world_size(launched_world_size())  # a global batch in sequences: its accumulation
     data = load_stage_data(model_dir, config, current_generation, work_dir, generation_of_language, prepared_dir,
                            texts_by_language, show_progress)
     accelerator = accelerator or make_accelerator(config, run_dir=work_dir)
@@ -279,6 +281,10 @@ def train_stage(
     blocks_per_step = config.micro_batch_size * config.grad_accum_steps * world
     total_steps = plan_steps(config, len(data.blocks), blocks_per_step)
     planned_tokens = total_steps * blocks_per_step * config.seq_len
+    if main and show_progress:
+        err_console.print(f"global batch: {blocks_per_step:,} sequences of {config.seq_len:,} tokens per step = "
+                          f"{config.micro_batch_size} per process x {config.grad_accum_steps} accumulation x {world} "
+                          f"process{'es' if world > 1 else ''}", highlight=False, soft_wrap=True)
     if main and show_progress and 2 * planned_tokens < data.blocks.num_tokens:
         err_console.print(f"[yellow]note:[/] {total_steps:,} steps train on at most {planned_tokens:,} of the "
                           f"{data.blocks.num_tokens:,} prepared tokens: a budget (--tokens-per-language) prepares less",
@@ -337,4 +343,5 @@ def _data_summary(data: StageData, seq_len: int, blocks_per_step: int) -> dict:
     blocks = data.blocks
     return {"languages": blocks.languages, "documents_per_language": blocks.documents_per_language,
             "tokens_per_language": blocks.tokens_per_language, "blocks": len(blocks), "seq_len": seq_len,
-            "blocks_per_step": blocks_per_step, "prepared": str(data.prepared.path), "key": data.prepared.meta["key"]}
+            "blocks_per_step": blocks_per_step, "global_batch_sequences": blocks_per_step,
+            "prepared": str(data.prepared.path), "key": data.prepared.meta["key"]}
