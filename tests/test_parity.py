@@ -214,3 +214,56 @@ def test_the_authors_profile_context_file_order_whole_documents_with_bos():
     assert all(len(s) <= 16 for s in authors) and authors[-1] == ids[-1][:16]  # cut at the cap, the rest dropped
     ours = sample_sequences(tok, docs, 10_000, 0, 16)
     assert len(ours) > len(docs)  # split into pieces instead
+
+
+# ---------------------------------------------------------------- a paper-style recipe, end to end
+
+
+def test_a_recipe_with_the_authors_settings_runs_end_to_end_on_a_tiny_model(tmp_path):
+    """Manual totals and classifier layers, the authors' losses, a global batch, then a G2 as they ran it
+    (cumulative totals, binary classifier, router drawn afresh, G0-only prior, G1 replayed per generation)."""
+    from layermoe.testing import make_tiny_model
+
+    tiny = make_tiny_model(tmp_path / "tiny", "llama", num_layers=4, shared_direction=2.0)
+    stage = ("seq_len: 32, micro_batch_size: 2, global_batch_sequences: 4, max_steps: 2, checkpoint_every: 0, "
+             "report_to: none, learning_rate: 1.0e-3")
+    (tmp_path / "paper.yaml").write_text(f"""
+name: tiny-paper
+model: {tiny}
+device: cpu
+generations:
+  - old: [en]
+    new: [el]
+    profile: {{tokens: 300, batch_tokens: 512, document_order: file, long_documents: truncate, max_document_tokens: 64,
+              include_bos: true, neuron_top_n: 0}}
+    allocate: {{experts_per_layer: [3, 2, 1, 2], classifier_at: [0, 3]}}
+    expand: {{top_k: 2, classifier_granularity: sequence}}
+    stage1: {{{stage}, balance_form: mixtral}}
+    stage2: {{{stage}, lpr_form: authors, docs_per_new_language: 30, docs_per_old_language: 20}}
+    eval: {{max_tokens: 200}}
+  - new: [hu]
+    profile: {{tokens: 300, batch_tokens: 512, document_order: file, neuron_top_n: 0}}
+    allocate: {{total_experts_per_layer: [4, 3, 2, 2], classifier_at: [0, 1]}}
+    expand: {{classifier: binary, router_init: reinit}}
+    stage1: {{{stage}, balance_form: mixtral}}
+    stage2: {{{stage}, lpr_form: authors, lpr_tokens: g0, docs_per_new_language: 30,
+             replay_docs_by_generation: {{0: 10, 1: 30}}}}
+    eval: {{max_tokens: 200}}
+""")
+    result = runner.invoke(app, ["-w", str(tmp_path / "run"), "run", str(tmp_path / "paper.yaml")])
+    assert result.exit_code == 0, result.output[-3000:]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    g1, g2 = manifest["generations"][1], manifest["generations"][2]
+    assert g1["allocation"]["strategy"] == "manual" and g1["allocation"]["experts_per_layer"] == [3, 2, 1, 2]
+    assert g1["allocation"]["classifier_layers"] == [0, 3]
+    assert g2["allocation"]["new_experts_per_layer"] == [1, 1, 1, 0]  # totals minus what G1 left
+    assert g2["allocation"]["classifier_layers"] == [0, 1]
+    assert g1["profile"]["config"]["document_order"] == "file"
+    for record in (g1["stage1"], g1["stage2"], g2["stage1"], g2["stage2"]):
+        assert record["status"] == "done" and record["metrics"]["data"]["global_batch_sequences"] == 4
+        assert record["config"]["grad_accum_steps"] == 2  # 4 sequences = 2 per step x 2 accumulation x 1 process
+    assert g2["stage2"]["config"]["lpr_tokens"] == "g0" and g2["stage2"]["config"]["lpr_form"] == "authors"
+    replay = g2["prepare2"]["documents_per_language"]
+    assert replay["en"] == 10 and replay["el"] == 30  # G0 at 10, G1 at 30 documents, as asked per generation
+    config = json.loads((tmp_path / "run" / "g2" / "stage2" / "config.json").read_text())
+    assert config["classifier_classes"] == 2 and config["classifier_layers"] == [0, 1]

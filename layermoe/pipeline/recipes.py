@@ -73,9 +73,13 @@ SECTIONS = {"profile": ProfileOptions, "allocate": AllocateOptions, "expand": Ex
 
 
 def shipped(kind: str = "recipe") -> dict[str, Path]:
-    """The shipped recipes (`kind="recipe"`) or accelerate configs (`"accelerate"`), by name."""
-    folder = RECIPES_DIR if kind == "recipe" else ACCELERATE_DIR
-    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+    """The shipped recipes (`kind="recipe"`: `demo`, ..., `paper/qwen1.5-1.8b-g1`, ...) or accelerate
+    configs (`"accelerate"`), by name."""
+    if kind != "recipe":
+        return {path.stem: path for path in sorted(ACCELERATE_DIR.glob("*.yaml"))}
+    found = {path.stem: path for path in sorted(RECIPES_DIR.glob("*.yaml"))}
+    found.update({f"paper/{path.stem}": path for path in sorted((RECIPES_DIR / "paper").glob("*.yaml"))})
+    return found
 
 
 def find_recipe(spec: str | Path, kind: str = "recipe") -> Path:
