@@ -77,7 +77,7 @@ class ExpandOptions(StepOptions):
     # G2 and later (set through `extend`; an expansion run again keeps what it used)
     classifier: str | None = option(None, help="generation (lifelong prior) | binary (the paper's old-vs-new)")
     expert_init: str | None = option(None, "--expert-init", help="New experts start as copies of: expert0 | routed (per layer, the expert the new languages' tokens are routed to most)")
-    router_init: str | None = option(None, help="How the new experts' router rows start: expert0 | source | mean | zeros | normal (default: expert0; source with --expert-init routed)")
+    router_init: str | None = option(None, help="How the new experts' router rows start: expert0 | source | mean | zeros | normal | reinit (every row afresh, the authors' G2) (default: expert0; source with --expert-init routed)")
     device: str = option("auto", help=DEVICE_HELP)
     force: bool = option(False, "--force")
 
@@ -95,7 +95,8 @@ class PrepareOptions(StepOptions):
 
 # The TrainConfig fields `train` takes as flags (a recipe sets any field).
 TRAIN_FLAGS = ("max_steps", "token_budget", "data.tokens_per_language", "learning_rate", "seq_len", "micro_batch_size",
-               "grad_accum_steps", "precision", "checkpoint_every", "seed", "report_to", "process_group_timeout_minutes")
+               "grad_accum_steps", "global_batch_sequences", "precision", "checkpoint_every", "seed", "report_to",
+               "process_group_timeout_minutes")
 
 
 class TrainOptions(StepOptions):
