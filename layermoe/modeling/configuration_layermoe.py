@@ -59,6 +59,9 @@ class LayermoeConfig(PretrainedConfig):
     # How the new experts run: grouped GEMMs, a per-expert loop, or auto (grouped on CUDA).
     # Not called `experts_implementation`: that is transformers' own loading option.
     moe_kernel: str = "auto"
+    # Embedding rows after each generation, G0 (the base) first, when generations added tokens
+    # (`expand --new-tokens`): rows [vocab_sizes[g-1], vocab_sizes[g]) are generation g's tokens.
+    vocab_sizes: list | None = None
 
     def __post_init__(self, **kwargs: Any):
         if "top_k" in kwargs:

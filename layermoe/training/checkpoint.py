@@ -82,7 +82,12 @@ def verify_frozen(named_tensors: Iterable[tuple[str, torch.Tensor]], expected: d
             continue
         digest = value_sha256(t)
         if digest != expected[name] and reference is not None and t.dtype != torch.float32:
-            if value_sha256(reference(name).to(t.dtype)) == digest:  # the same values, rounded: unchanged
+            base, _, rows = name.partition("[")  # "name[a:b]": frozen rows of a trainable tensor
+            original = reference(base)
+            if rows:
+                start, end = (int(x) for x in rows.rstrip("]").split(":"))
+                original = original[start:end]
+            if value_sha256(original.to(t.dtype)) == digest:  # the same values, rounded: unchanged
                 digest = expected[name]
         seen[name] = digest
     missing = sorted(set(expected) - set(seen))

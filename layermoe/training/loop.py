@@ -290,7 +290,11 @@ def train_stage(
                           f"{data.blocks.num_tokens:,} prepared tokens: a budget (--tokens-per-language) prepares less",
                           soft_wrap=True, highlight=False)
     params = dict(stage.model.named_parameters())
-    optimizer = torch.optim.AdamW([params[n] for n in stage.trainable_names], lr=config.learning_rate,
+    # rows of a partly frozen embedding: no weight decay (it would move the frozen rows too)
+    partial = set(stage.frozen_rows or {})
+    groups = [{"params": [params[n] for n in stage.trainable_names if n not in partial]},
+              {"params": [params[n] for n in stage.trainable_names if n in partial], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate,
                                   betas=tuple(config.adam_betas), weight_decay=config.weight_decay)
     scheduler = make_scheduler(optimizer, config, total_steps)
     model, optimizer = accelerator.prepare(stage.model, optimizer)

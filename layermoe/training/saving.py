@@ -67,13 +67,13 @@ def verify_and_save(accelerator, model, stage: StageModel, model_dir: Path, outp
         checksum_by_rank: list[str] = []
         if main:
             reference = checkpoint_tensors(model_dir)
-            ckpt.verify_frozen(((n, full[n]) for n in stage.frozen_names if n in full),
-                               {n: stage.frozen_sums[n] for n in stage.frozen_names if n in full}, reference=reference)
+            views = dict(stage.frozen_views(full))
+            ckpt.verify_frozen(views.items(), {k: stage.frozen_sums[k] for k in views}, reference=reference)
             final = model_from_state_dict(model_dir, stage.dense, full, stage.storage_dtype,
                                           frozen=set(stage.frozen_names), reference=reference)
     else:
         live = dict(accelerator.unwrap_model(model).named_parameters())
-        ckpt.verify_frozen(((n, live[n]) for n in stage.frozen_names), stage.frozen_sums)
+        ckpt.verify_frozen(stage.frozen_views(live), stage.frozen_sums)
         checksum_by_rank = gather_object([trainable_digest([(n, live[n]) for n in stage.trainable_names])])
         final = accelerator.unwrap_model(model)
         if main:

@@ -136,9 +136,53 @@ class StageModel:
     storage_dtype: torch.dtype  # the checkpoint's dtype, restored when the model is saved
     trainable_names: list[str]
     frozen_names: list[str]
-    frozen_sums: dict[str, str]  # name -> value checksum, verified after training
+    frozen_sums: dict[str, str]  # name (or name[a:b] for frozen rows) -> value checksum, verified after training
     expert_generation: dict[int, torch.Tensor] | None  # MoE layer -> generation of each router column
     top_k: int | None
+    frozen_rows: dict[str, list[tuple[int, int]]] | None = None  # trainable embeddings: their frozen row ranges
+
+    def frozen_views(self, tensors: Mapping[str, torch.Tensor]):
+        """(checksum key, tensor) of everything frozen: whole tensors, and the frozen rows of trainable ones."""
+        for name in self.frozen_names:
+            if name in tensors:
+                yield name, tensors[name]
+        for name, ranges in (self.frozen_rows or {}).items():
+            if name in tensors:
+                for start, end in ranges:
+                    yield f"{name}[{start}:{end}]", tensors[name][start:end]
+
+
+def vocabulary_rows(model, stage: int, current_generation: int) -> tuple[int, int] | None:
+    """The embedding rows stage 1 trains: this generation's new tokens ([start, end)); None when it added none.
+
+    Stage 2 trains routers and classifiers only, so every embedding row stays frozen there."""
+    sizes = getattr(model.config, "vocab_sizes", None)
+    if stage != 1 or not sizes or len(sizes) <= current_generation:
+        return None
+    start, end = int(sizes[current_generation - 1]), int(sizes[current_generation])
+    return (start, end) if end > start else None
+
+
+def train_rows_only(model, rows: tuple[int, int]) -> dict[str, list[tuple[int, int]]]:
+    """Make the embedding (and an untied lm_head) trainable in `rows` only: the other rows' gradients
+    are masked to exactly 0, so AdamW (no weight decay on them: see the optimizer) never moves them.
+    Returns {parameter name: its frozen row ranges}."""
+    start, end = rows
+    names = {id(p): n for n, p in model.named_parameters()}
+    inner = getattr(model, "lm", model)
+    params = [inner.get_input_embeddings().weight]
+    output = inner.get_output_embeddings()
+    if output is not None and output.weight is not params[0]:
+        params.append(output.weight)
+    frozen = {}
+    for param in params:
+        total = param.shape[0]
+        mask = torch.zeros(total, 1, dtype=param.dtype, device=param.device)
+        mask[start:end] = 1
+        param.requires_grad_(True)
+        param.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype))
+        frozen[names[id(param)]] = [(0, start)] + ([(end, total)] if end < total else [])
+    return frozen
 
 
 def load_stage_model(model_dir: Path, config: TrainConfig, current_generation: int) -> StageModel:
@@ -171,16 +215,23 @@ def load_stage_model(model_dir: Path, config: TrainConfig, current_generation: i
         # deciding (an untrained classifier would send random new-language tokens to expert 0);
         # stage 2 turns classifier routing on, and its output keeps it on.
         model.set_classifier_routing(config.stage == 2)
+    frozen_rows = None
+    rows = None if dense else vocabulary_rows(model, config.stage, current_generation)
+    if rows is not None:  # this generation's new tokens train with its experts; every other row stays
+        frozen_rows = train_rows_only(model, rows)
+        trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = dict(model.named_parameters())
     trainable = set(trainable_names)
     frozen_names = [n for n in params if n not in trainable]
+    stage = StageModel(model, dense, storage_dtype, trainable_names, frozen_names, {}, None, None, frozen_rows)
     on_meta = any(params[n].is_meta for n in frozen_names)
-    frozen_sums = {} if on_meta else ckpt.frozen_checksums((n, params[n]) for n in frozen_names)
+    frozen_sums = {} if on_meta else ckpt.frozen_checksums(stage.frozen_views(params))
     expert_generation = top_k = None
     if not dense:
         expert_generation = {i: torch.tensor(model.expert_generation_ids(i)) for i in model.config.moe_layers}
         top_k = next(iter(model.moe_blocks().values())).top_k  # the routers' k, as the model routes
-    return StageModel(model, dense, storage_dtype, trainable_names, frozen_names, frozen_sums, expert_generation, top_k)
+    return StageModel(model, dense, storage_dtype, trainable_names, frozen_names, frozen_sums, expert_generation, top_k,
+                      frozen_rows)
