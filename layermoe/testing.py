@@ -1,13 +1,19 @@
-"""Tiny random models of every supported family, built offline, for tests and benchmarks.
+"""Tiny random models of every supported family, built offline, for tests and benchmarks; and, for
+the vocabulary tests, the builtin corpus by language and tokenizers in the styles no offline model
+offers (Llama 2: SentencePiece-style BPE with byte fallback; Llama 3: byte-level BPE with a Split
+regex, ignore_merges and specials after the vocab) beside SmolLM2's own (from the demo GGUF).
 
-Nothing here touches the network: the tokenizer is a byte-level BPE trained on the
-embedded corpus in well under a second, and the weights are random.
+Nothing here touches the network: the tokenizers are trained on the embedded corpus in well
+under a second, and the weights are random.
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from layermoe.data import builtin_corpus_path
 
@@ -116,3 +122,107 @@ def make_tiny_model(directory: str | Path, family: str = "llama", num_layers: in
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# ---------------------------------------------------------------- vocabulary tests
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+@lru_cache(maxsize=1)
+def corpus() -> dict[str, list[str]]:
+    """language code -> its 1000 sentences, in file order."""
+    texts: dict[str, list[str]] = {}
+    from layermoe.data.sources import builtin_corpus_path
+
+    with open(builtin_corpus_path(), encoding="utf-8") as handle:
+        for line in handle:
+            lang, _, text = line.rstrip("\n").partition("\t")
+            if text:
+                texts.setdefault(lang, []).append(text)
+    return texts
+
+
+@lru_cache(maxsize=None)
+def _split(lang: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from layermoe.data.split import is_heldout
+
+    texts = corpus()[lang]
+    return tuple(t for t in texts if not is_heldout(t)), tuple(t for t in texts if is_heldout(t))
+
+
+def split(lang: str) -> tuple[list[str], list[str]]:
+    """(train, held-out) sentences of one language by layermoe's hash rule."""
+    train, heldout = _split(lang)
+    return list(train), list(heldout)
+
+
+def smollm2_json(cache_dir: Path) -> dict:
+    """SmolLM2-135M-Instruct's tokenizer.json, converted from the GGUF once (about 20 s) into cache_dir."""
+    path = Path(cache_dir) / "tokenizer.json"
+    if not path.is_file():
+        from transformers import AutoTokenizer
+
+        from layermoe.modeling.base import demo_model_path
+
+        gguf = demo_model_path()
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(cache_dir))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _sentences(langs: tuple[str, ...]) -> list[str]:
+    return [t for lang in langs for t in split(lang)[0]]
+
+
+def llama2_style_json(langs: tuple[str, ...] = ("en", "es"), vocab_size: int = 3000, limit_alphabet: int = 120,
+                      metaspace: bool = False) -> dict:
+    """A Llama-2-like tokenizer.json: <unk> <s> </s>, 256 <0xXX> byte tokens, BPE with byte_fallback,
+    spaces as ▁ (normalizer Prepend+Replace, no pre-tokenizer; or, with metaspace=True, the newer
+    Metaspace(prepend_scheme=first, split=False) form), digits never merged."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        pre_tokenizers.Digits(individual_digits=True),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  limit_alphabet=limit_alphabet, show_progress=False)
+    tok.train_from_iterator(_sentences(langs), trainer)
+    trained = json.loads(tok.to_str())
+    old_vocab = sorted(trained["model"]["vocab"].items(), key=lambda kv: kv[1])
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for token, _ in old_vocab:
+        vocab.setdefault(token, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in trained["model"]["merges"]],
+                               unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    if metaspace:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False),
+                                         decoders.ByteFallback(), decoders.Fuse()])
+    else:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return json.loads(tok.to_str())
+
+
+def llama3_style_json(langs: tuple[str, ...] = ("en", "es"), vocab_size: int = 3000) -> dict:
+    """A Llama-3-like tokenizer.json: Split(regex) + ByteLevel, BPE with ignore_merges, and the
+    special tokens as added tokens after the whole model vocab."""
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_sentences(langs), trainer)
+    n = tok.get_vocab_size()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(6)]
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", n)])
+    result = json.loads(tok.to_str())
+    assert min(t["id"] for t in result["added_tokens"]) == n  # the specials sit after the vocab
+    return result
