@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.markup import escape
@@ -11,7 +12,7 @@ from layermoe.core.errors import LayermoeError
 from layermoe.core.integrity import check_files, check_readable_weights, check_sha256, file_checksums
 from layermoe.core.manifest import MODEL_STEPS, DataSourceRecord, FileChecksum, Generation, Manifest, StepStatus
 from layermoe.core.workdir import Workdir
-from layermoe.data import load_texts
+from layermoe.data import load_documents, load_texts
 from layermoe.modeling import load_layermoe
 from layermoe.modeling.base import load_model, resolve_model_spec
 
@@ -178,8 +179,14 @@ def resolve_data_spec(workdir: Workdir, source: DataSourceRecord, language: str 
 
 def texts_for(workdir: Workdir, generation: Generation, language: str, split: str, limit: int | None = None) -> list[str]:
     """Documents of one language from the data source recorded for it (train or held-out side), at most `limit`."""
-
     source = generation.data[language]
     spec = resolve_data_spec(workdir, source, language)
     return load_texts(language, spec, split=split, limit=limit, cache_dir=workdir.cache_dir / "datasets",
                       text_field=source.text_field)
+
+
+def documents_of(workdir: Workdir, generation: Generation, language: str, split: str) -> Iterator[str]:
+    """`texts_for` as a stream: a corpus is read only as far as the caller goes."""
+    source = generation.data[language]
+    spec = resolve_data_spec(workdir, source, language)
+    return load_documents(language, spec, split, cache_dir=workdir.cache_dir / "datasets", text_field=source.text_field)

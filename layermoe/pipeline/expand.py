@@ -17,7 +17,15 @@ from layermoe.core.workdir import Workdir, fsync_path, run_step, session
 from layermoe.modeling import add_generation, save_layermoe, upcycle
 from layermoe.pipeline.allocate import allocate_generation
 from layermoe.pipeline.common import load_generation_model, record_checkpoint, texts_for
+from layermoe.pipeline.drift import measure_drift
 from layermoe.pipeline.options import AllocateOptions, ExpandOptions
+from layermoe.pipeline.vocab import (
+    check_vocabulary_options,
+    extend_model_vocabulary,
+    record_vocabulary_rows,
+    save_extended_tokenizer,
+    vocabulary_record,
+)
 from layermoe.profiling.expert_use import most_routed_experts
 
 # Logits of the expanded model must equal the base model's this closely (fp32). Copies of
@@ -66,6 +74,7 @@ def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generati
         expert_init = expert_init or recorded.get("expert_init") or "expert0"
     if top_k < 1:
         raise LayermoeError(f"--top-k must be at least 1, not {top_k}")
+    check_vocabulary_options(options)
     if expert_init == "routed" and generation.index == 1:
         raise LayermoeError("--expert-init routed needs an expanded model to route with: it applies from G2 (`layermoe extend`)")
     if expert_init == "routed" and not generation.profile.routing_mass:
@@ -96,9 +105,16 @@ def expand_generation(workdir: Workdir, manifest: Manifest, generation: Generati
         router_init = "source" if expert_init == "routed" else "expert0"
     config = dict(top_k=top_k, classifier_granularity=classifier_granularity, device=device, router_init=router_init,
                   classifier=classifier, expert_init=expert_init)
+    if options.new_tokens is not None:
+        config.update(new_tokens=options.new_tokens, attach_marks=options.attach_marks, vocab_text_mb=options.vocab_text_mb,
+                      vocab_old_documents=options.vocab_old_documents)
     with run_step(workdir, manifest, generation.expansion, f"expansion of G{generation.index}", config, force) as record:
-        _expand(workdir, manifest, generation, record, out, top_k, classifier_granularity, device, router_init, classifier,
-                expert_init)
+        _expand(workdir, manifest, generation, record, out, options.model_copy(update=dict(
+            top_k=top_k, classifier_granularity=classifier_granularity, device=device, router_init=router_init,
+            classifier=classifier, expert_init=expert_init)))
+    if generation.index == 1 and options.new_tokens is not None:  # the new tokens enter the softmax: what it costs
+        measure_drift(workdir, manifest, generation, device, None)
+        workdir.save(manifest)
 
 
 def available_memory(device: str) -> int:
@@ -146,8 +162,9 @@ def _is_ours(path: Path) -> bool:
         return False
 
 
-def _expand(workdir, manifest, generation, record, out, top_k, granularity, device, router_init, classifier,
-            expert_init) -> None:
+def _expand(workdir: Workdir, manifest: Manifest, generation: Generation, record, out: Path, options: ExpandOptions) -> None:
+    top_k, granularity, device = options.top_k, options.classifier_granularity, options.device
+    router_init, classifier, expert_init = options.router_init, options.classifier, options.expert_init
     import torch
 
 
@@ -168,9 +185,16 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
                                expert_sources=sources)
         record.expert_init = expert_init
         record.expert_sources = sources if sources is not None else [0] * len(allocation.new_experts_per_layer)
+    rows_before = model.get_input_embeddings().weight.shape[0]
+    vocabulary = None
+    if options.new_tokens is not None:
+        check_vocabulary_options(options, tokenizer)
+        vocabulary = extend_model_vocabulary(workdir, generation, model, tokenizer, options)
+    if vocabulary is not None or getattr(model.config, "vocab_sizes", None):
+        record_vocabulary_rows(model, rows_before, generation.index)
     model.eval()
-    with torch.no_grad():
-        logits = model(**probe).logits.float()
+    with torch.no_grad():  # the old rows only: new tokens are new logits, old-token inputs compute as before
+        logits = model(**probe).logits.float()[..., : reference.shape[-1]]
     diff = (logits - reference).abs().max().item()
     # Upcycling a dense model must reproduce it exactly. Extending a trained MoE need not: new
     # router rows that tie with expert 0 pull some earlier tokens onto the (expert-0-like) new
@@ -182,6 +206,8 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     save_layermoe(model, staging, tokenizer=tokenizer)
+    if vocabulary is not None:
+        save_extended_tokenizer(vocabulary, staging)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     fsync_path(out.parent)
@@ -195,7 +221,11 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
     record.total_parameters, record.active_parameters = total, total - idle
     record.added_parameters = total - base.num_parameters if base.num_parameters else None
     record.outputs = {"checkpoint": record.checkpoint}
+    if vocabulary is not None:
+        record.metrics["vocabulary"] = vocabulary_record(vocabulary, options)
     console.print(_table(generation, record, base.num_parameters))
+    if vocabulary is not None:
+        console.print(vocabulary_table(generation, vocabulary))
     if generation.index == 1 and diff <= PRESERVATION_TOLERANCE:
         err_console.print(f"checked: max |Δlogit| against the base model = {diff:.2e} (≤ {PRESERVATION_TOLERANCE:g})")
     elif generation.index == 1:
@@ -208,6 +238,24 @@ def _expand(workdir, manifest, generation, record, out, top_k, granularity, devi
             err_console.print("new experts copy, per layer: " + ", ".join(
                 f"{i}:{e}" for i, (e, n) in enumerate(zip(record.expert_sources, allocation.new_experts_per_layer)) if n),
                 soft_wrap=True)
+
+
+def vocabulary_table(generation: Generation, vocabulary) -> Table:
+    """Bytes per token of the new languages' held-out text, before and after the new tokens."""
+    report = vocabulary.result.report
+    table = Table(title=f"G{generation.index} new vocabulary: {report.new_tokens:,} tokens "
+                        f"(ids {report.first_new_id}-{report.last_new_id}); old-language documents unchanged: "
+                        f"{report.old_docs_unchanged:,} of {report.old_docs_checked:,}", title_justify="left")
+    for column in ("language", "bytes/token before", "after", "×", "tokens/word before", "after "):
+        table.add_column(column, justify="left" if column == "language" else "right")
+    for lang, entry in report.languages.items():
+        side = entry.get("heldout") or entry["train_sample"]
+        table.add_row(lang, f"{side['bytes_per_token_before']:.2f}", f"{side['bytes_per_token_after']:.2f}",
+                      f"{side['ratio']:.2f}" if side["ratio"] else "—", f"{side['tokens_per_word_before']:.2f}",
+                      f"{side['tokens_per_word_after']:.2f}")
+    table.caption = (f"{report.rejected_by_old_languages:,} candidate merges refused to keep the old languages' tokens; "
+                     f"{report.stop_reason}")
+    return table
 
 
 def _probe_batch(workdir, generation, tokenizer, device, documents_per_language: int = 2, max_length: int = 64):

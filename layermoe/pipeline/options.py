@@ -77,6 +77,10 @@ class ExpandOptions(StepOptions):
     # G2 and later (set through `extend`; an expansion run again keeps what it used)
     classifier: str | None = option(None, help="generation (lifelong prior) | binary (the paper's old-vs-new)")
     expert_init: str | None = option(None, "--expert-init", help="New experts start as copies of: expert0 | routed (per layer, the expert the new languages' tokens are routed to most)")
+    new_tokens: int | None = option(None, "--new-tokens", help="Learn up to N new tokens from the new languages' training text, leaving every old-language token as it is (README, \"New vocabulary\").")
+    attach_marks: bool = option(False, "--attach-marks", help="With --new-tokens: keep combining marks with their letter when pre-tokenizing (Indic scripts on GPT-2-style tokenizers); refused if it would change old text.")
+    vocab_text_mb: int = option(32, "--vocab-text-mb", help="With --new-tokens: MB of training text read per new language to learn them.")
+    vocab_old_documents: int = option(10_000, "--vocab-old-documents", help="With --new-tokens: training documents per old language whose tokens are checked unchanged (besides all held-out ones).")
     router_init: str | None = option(None, help="How the new experts' router rows start: expert0 | source | mean | zeros | normal | reinit (every row afresh, the authors' G2) (default: expert0; source with --expert-init routed)")
     device: str = option("auto", help=DEVICE_HELP)
     force: bool = option(False, "--force")
@@ -149,7 +153,8 @@ class GenerateOptions(StepOptions):
 EXTEND_FLAGS = {"profile": ("tokens",),
                 "allocate": ("budget", "new_experts", "strategy", "neuron_mapping", "min_experts", "max_experts",
                              "classifier_layers"),
-                "expand": ("classifier", "expert_init", "router_init")}
+                "expand": ("classifier", "expert_init", "router_init", "new_tokens", "attach_marks", "vocab_text_mb",
+                           "vocab_old_documents")}
 
 
 class ExtendOptions(StepOptions):
