@@ -255,3 +255,49 @@ def test_compare_command_refuses_bad_budgets_before_any_work(tmp_path):
     result = layermoe(tmp_path / "run", "compare", str(recipe), "--budgets", "3,6", code=2)
     assert "expert budget 3 is smaller than the 4 layers" in result.output
     assert not (tmp_path / "run" / "compare").exists()
+
+
+def test_a_vocabulary_variant_is_measured_on_the_same_text(tmp_path):
+    """LayerMoE beside LayerMoE + vocabulary: every model reads the same bytes, the old languages keep their
+    tokens, the new ones need fewer, and the speeds are reported; no dense run when `variants` leaves it out."""
+    tiny = make_tiny_model(tmp_path / "tiny", "llama", num_layers=2, shared_direction=0.05)
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny,
+                          compare="{variants: [layermoe, layermoe-vocab], vocabulary_new_tokens: 30}")
+    workdir = tmp_path / "run"
+    result = layermoe(workdir, "run", str(recipe))
+    table = json.loads((workdir / "compare.json").read_text())
+    assert [row["variant"] for row in table["variants"]] == ["layermoe", "layermoe-vocab"]
+    assert not (workdir / "compare" / "dense").exists() and not (workdir / "compare" / "moe-lpr").exists()
+    assert table["equal_text"] is True
+    evals = {name: json.loads((workdir / "compare" / "eval" / f"{name}.json").read_text())
+             for name in ("base", "layermoe", "layermoe-vocab")}
+    assert evals["base"]["bytes"] == evals["layermoe"]["bytes"] == evals["layermoe-vocab"]["bytes"]
+    assert sum(evals["base"]["tokens"][x] for x in ("en", "el", "hu")) <= 3 * 100  # the base tokenizer's cap
+    assert evals["layermoe-vocab"]["tokens"]["en"] == evals["layermoe"]["tokens"]["en"]  # old text: the same tokens
+    for lang in ("el", "hu"):
+        assert evals["layermoe-vocab"]["tokens"][lang] < evals["layermoe"]["tokens"][lang]
+    vocab = table["variants"][1]
+    assert vocab["new_bytes_per_token"] == pytest.approx(
+        sum(evals["layermoe-vocab"]["bytes"][x] for x in ("el", "hu")) / sum(evals["layermoe-vocab"]["tokens"][x] for x in ("el", "hu")))
+    assert vocab["new_bytes_per_token"] > table["variants"][0]["new_bytes_per_token"] == pytest.approx(
+        table["base"]["new_bytes_per_token"])
+    for row in table["variants"]:
+        assert row["train_bytes_per_second"] > 0 and row["generation_characters_per_second"] > 0
+        generated = evals[row["variant"]]["generation"]
+        assert set(generated) == {"el", "hu"} and all(g["tokens"] == 48 for g in generated.values())
+    markdown = (workdir / "compare.md").read_text()
+    assert "| New bytes/token | train bytes/s | gen chars/s |" in markdown
+    assert "| en (old) |" in markdown and "| 1.00× |" in markdown  # old text: the same tokens
+    assert "LayerMoE + vocabulary" in result.output
+
+
+def test_unknown_compare_variant_is_one_line(tmp_path):
+    tiny = make_tiny_model(tmp_path / "tiny", "llama", num_layers=2)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny, compare="{variants: [layermoe, vocab]}")
+    result = layermoe(tmp_path / "run", "run", str(recipe), code=2)
+    assert ("recipe `compare.variants`: unknown variant 'vocab'; the variants are layermoe, layermoe-vocab, neuronmoe, "
+            "moe-lpr, dense") in result.output
+    recipe = write_recipe(tmp_path / "r.yaml", tiny, compare="{variants: [layermoe-vocab]}")
+    result = layermoe(tmp_path / "run", "run", str(recipe), code=2)
+    assert "names layermoe-vocab: set compare.vocabulary_new_tokens too" in result.output
+    assert not (tmp_path / "run" / "compare").exists()

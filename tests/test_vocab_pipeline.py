@@ -179,3 +179,21 @@ def test_an_unsupported_tokenizer_is_one_line(tmp_path):
     result = layermoe(workdir, "expand", "--new-tokens", "10", code=2)
     assert result.stderr.strip().startswith("error: --new-tokens: ") and "WordPiece" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and _tree(workdir) == before
+
+
+def test_expand_again_with_another_vocabulary_invalidates_what_was_built_on_it(extended, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(extended["workdir"], workdir, symlinks=True)
+    before = json.loads((workdir / "manifest.json").read_text())["generations"][1]
+    assert before["stage1"]["status"] == before["stage2"]["status"] == "done"
+    layermoe(workdir, "expand", "--new-tokens", "20", "--force")
+    after = json.loads((workdir / "manifest.json").read_text())["generations"][1]
+    assert after["expansion"]["metrics"]["vocabulary"]["rows"] == 512 + 20
+    for step in ("prepare1", "stage1", "prepare2", "stage2"):
+        assert after[step]["status"] == "pending", step
+    assert len(AutoTokenizer.from_pretrained(workdir / "g1" / "expanded")) == 512 + 20
+    layermoe(workdir, "train", "--stage", "1", *STAGE)  # re-prepared with the new tokenizer, not the old cache
+    meta_dir = json.loads((workdir / "manifest.json").read_text())["generations"][1]["prepare1"]["data_dir"]
+    assert meta_dir != before["prepare1"]["data_dir"]

@@ -122,6 +122,38 @@ def score_plan(
     return ScoredText(windows=windows, tokens=tokens, bytes=nbytes, documents=documents)
 
 
+def texts_within_tokens(tokenizer, texts: list[str], max_tokens: int) -> list[str]:
+    """The text that `score_plan(tokenizer, texts, ..., max_tokens)` scores, as strings.
+
+    Documents in order; the one that crosses the cap is cut at the same clean token boundary.
+    Scoring these texts in full with any other tokenizer measures every model on the same
+    bytes: what a comparison across tokenizers (a vocabulary variant) needs.
+    """
+    if max_tokens < 1:
+        raise LayermoeError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
+    kept: list[str] = []
+    tokens = 0
+    for text in texts:
+        if not text:
+            continue
+        remaining = max_tokens - tokens
+        if remaining <= 0:
+            break
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        if not ids:
+            continue
+        if len(ids) > remaining:
+            offsets = [tuple(o) for o in encoded["offset_mapping"]]
+            keep = _clean_prefix(offsets, remaining)
+            if keep:
+                kept.append(text[: offsets[keep - 1][1]])
+            break
+        kept.append(text)
+        tokens += len(ids)
+    return kept
+
+
 def batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
     """Group windows of similar length (longest first) so padding stays small."""
     if batch_size < 1:

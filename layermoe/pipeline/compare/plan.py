@@ -12,7 +12,8 @@ from layermoe.core.errors import LayermoeError
 from layermoe.core.options import first_error
 from layermoe.pipeline.recipes import GenerationRecipe
 
-TITLES = {"layermoe": "LayerMoE", "neuronmoe": "NeuronMoE", "moe-lpr": "MoE-LPR", "dense": "dense fine-tune"}
+TITLES = {"layermoe": "LayerMoE", "layermoe-vocab": "LayerMoE + vocabulary", "neuronmoe": "NeuronMoE",
+          "moe-lpr": "MoE-LPR", "dense": "dense fine-tune"}
 # What the comparison decides itself; a recipe that sets them would be silently overridden.
 _ALLOCATE_KEYS_SET_HERE = ("budget", "new_experts", "strategy", "neuron_mapping", "min_experts", "max_experts")
 
@@ -29,6 +30,11 @@ class CompareSpec(BaseModel):
     neuron_mapping: Literal["proportional", "linear"] = "proportional"  # NeuronMoE: at LayerMoE's δ, or the authors'
     neuron_min_experts: int = Field(1, ge=1)  # linear mapping only
     neuron_max_experts: int = Field(6, ge=1)
+    # "LayerMoE + vocabulary": LayerMoE at the same δ and steps, with this many new tokens (`expand --new-tokens`)
+    vocabulary_new_tokens: int | None = Field(None, ge=1)
+    vocabulary_attach_marks: bool = False
+    # Which variants to run, by folder name (None: all of them); e.g. [layermoe, layermoe-vocab]
+    variants: list[str] | None = None
 
 
 def round_half_up(x: float) -> int:
@@ -48,8 +54,9 @@ def expert_budgets(num_layers: int, spec: CompareSpec) -> dict[str, int]:
 
 
 def plan_variants(num_layers: int, spec: CompareSpec, allocate: dict) -> list[dict]:
-    """The MoE variants, in table order: name (its folder), title, and the allocate options of its run
-    (`allocate`: the recipe's own allocate settings, kept under every variant's)."""
+    """The MoE variants, in table order: name (its folder), title, the allocate options of its run
+    (`allocate`: the recipe's own allocate settings, kept under every variant's) and, for the
+    vocabulary variant, the expand options it adds."""
     budgets = expert_budgets(num_layers, spec)
     share = budgets["layermoe_budget"]
     layermoe_budgets = sorted(set(spec.budgets)) if spec.budgets else [share]
@@ -62,6 +69,11 @@ def plan_variants(num_layers: int, spec: CompareSpec, allocate: dict) -> list[di
         variants.append({"name": "layermoe" if delta == share else f"layermoe-{delta}",
                          "title": "LayerMoE" if not spec.budgets else f"LayerMoE δ={delta}",
                          "allocate": {**allocate, "strategy": "layerwise", "budget": delta}})
+    if spec.vocabulary_new_tokens:
+        variants.append({"name": "layermoe-vocab", "title": TITLES["layermoe-vocab"],
+                         "allocate": {**allocate, "strategy": "layerwise", "budget": share},
+                         "expand": {"new_tokens": spec.vocabulary_new_tokens,
+                                    "attach_marks": spec.vocabulary_attach_marks}})
     neuron = {**allocate, "strategy": "neuron", "neuron_mapping": spec.neuron_mapping}
     if spec.neuron_mapping == "linear":
         neuron.update(min_experts=spec.neuron_min_experts, max_experts=spec.neuron_max_experts)
@@ -72,7 +84,27 @@ def plan_variants(num_layers: int, spec: CompareSpec, allocate: dict) -> list[di
     variants.append({"name": "moe-lpr", "title": TITLES["moe-lpr"],
                      "allocate": {**allocate, "strategy": "uniform", "new_experts": budgets["baseline_new_experts"],
                                   "classifier_layers": 0}})
-    return variants
+    return [v for v in variants if wanted(spec, v["name"])]
+
+
+def wanted(spec: CompareSpec, name: str) -> bool:
+    """Whether `compare.variants` asks for this variant (every LayerMoE δ counts as `layermoe`)."""
+    if spec.variants is None:
+        return True
+    return name in spec.variants or (name.startswith("layermoe-") and name != "layermoe-vocab" and "layermoe" in spec.variants)
+
+
+def check_variant_names(spec: CompareSpec) -> None:
+    if spec.variants is None:
+        return
+    unknown = [name for name in spec.variants if name not in TITLES]
+    if unknown:
+        raise LayermoeError(f"recipe `compare.variants`: unknown variant {unknown[0]!r}; the variants are "
+                            + ", ".join(TITLES))
+    if not [name for name in spec.variants if name != "dense"]:
+        raise LayermoeError("recipe `compare.variants` needs at least one MoE variant (the dense fine-tune reads its data)")
+    if "layermoe-vocab" in spec.variants and not spec.vocabulary_new_tokens:
+        raise LayermoeError("recipe `compare.variants` names layermoe-vocab: set compare.vocabulary_new_tokens too")
 
 
 
@@ -84,6 +116,7 @@ def check_compare_recipe(recipe) -> tuple[CompareSpec, GenerationRecipe]:
     except ValidationError as e:
         where, message = first_error(e)
         raise LayermoeError(f"recipe `compare.{where}`: {message}") from None
+    check_variant_names(spec)
     if len(recipe.generations) != 1:
         raise LayermoeError(f"a compare recipe has exactly one generation (G0 → G1), not {len(recipe.generations)}")
     generation = recipe.generations[0]

@@ -19,15 +19,41 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def summarise(manifests: dict[str, Manifest], variants: list[dict], dense: dict, figures: dict, budgets: dict,
+def bytes_per_token(figures: dict, languages: list[str]) -> float | None:
+    """Held-out UTF-8 bytes per scored token over `languages` (pooled), None for figures without bytes."""
+    if "bytes" not in figures:
+        return None
+    return sum(figures["bytes"][x] for x in languages) / max(sum(figures["tokens"][x] for x in languages), 1)
+
+
+def _speeds(name: str, manifests: dict[str, Manifest], dense: dict | None, figures: dict, new: list[str]) -> dict:
+    """A vocabulary comparison's speeds: stage 1's training text in bytes per second of its wall time
+    (tokens seen × the new languages' bytes per token), and generated characters per second."""
+    per_token = bytes_per_token(figures, new)
+    speeds = {"train_bytes_per_second": None, "generation_characters_per_second": None}
+    if name != "dense" and per_token is not None:
+        stage1 = manifests[name].generations[1].stage1
+        if stage1.started_at and stage1.finished_at and stage1.tokens_seen:
+            seconds = (stage1.finished_at - stage1.started_at).total_seconds()
+            speeds["train_bytes_per_second"] = stage1.tokens_seen * per_token / max(seconds, 1e-9)
+    generation = figures.get("generation")
+    if generation:
+        speeds["generation_characters_per_second"] = _mean([g["characters_per_second"] for g in generation.values()])
+    return speeds
+
+
+def summarise(manifests: dict[str, Manifest], variants: list[dict], dense: dict | None, figures: dict, budgets: dict,
                spec: CompareSpec, max_tokens) -> dict:
-    """The table as plain data (compare.json): one row per variant, in `variants` order, then the dense fine-tune."""
+    """The table as plain data (compare.json): one row per variant, in `variants` order, then the dense fine-tune
+    (when it ran). With a vocabulary variant, each row also has bytes per token and the speeds."""
     generation = manifests[variants[0]["name"]].generations[1]
     old, new = list(generation.old_languages), list(generation.new_languages)
     base = figures["base"]
     base_old, base_new = _mean([base["bpb"][x] for x in old]), _mean([base["bpb"][x] for x in new])
+    vocabulary = any("expand" in v for v in variants)
     rows = []
-    for name, title in [(v["name"], v["title"]) for v in variants] + [("dense", TITLES["dense"])]:
+    names = [(v["name"], v["title"]) for v in variants] + ([("dense", TITLES["dense"])] if dense is not None else [])
+    for name, title in names:
         bpb = figures[name]["bpb"]
         old_avg, new_avg = _mean([bpb[x] for x in old]), _mean([bpb[x] for x in new])
         budget = strategy = None
@@ -57,31 +83,56 @@ def summarise(manifests: dict[str, Manifest], variants: list[dict], dense: dict,
             "gain": base_new - new_avg,  # > 0: the new languages got better
             "bpb": bpb,
         })
+        if vocabulary:
+            rows[-1].update(bytes_per_token={x: bytes_per_token(figures[name], [x]) for x in old + new},
+                            new_bytes_per_token=bytes_per_token(figures[name], new),
+                            **_speeds(name, manifests, dense, figures[name], new))
+    base_row = {"total_parameters": base["total_parameters"], "old_avg": base_old, "new_avg": base_new, "bpb": base["bpb"]}
+    if vocabulary:
+        base_row.update(bytes_per_token={x: bytes_per_token(base, [x]) for x in old + new},
+                        new_bytes_per_token=bytes_per_token(base, new))
     return {
         "old_languages": old,
         "new_languages": new,
         "max_tokens": max_tokens,
         "settings": {**spec.model_dump(), **budgets},
-        "base": {"total_parameters": base["total_parameters"], "old_avg": base_old, "new_avg": base_new, "bpb": base["bpb"]},
+        "equal_text": vocabulary,
+        "base": base_row,
         "variants": rows,
     }
 
 
-def _cells(row: dict) -> list[str]:
+def _number(value, digits: int = 0) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _cells(row: dict, vocabulary: bool = False) -> list[str]:
     title = row.get("title") or TITLES.get(row["variant"], row["variant"])
-    return [title, str(row["new_experts"]), f"{row['total_parameters']:,}", f"{row['trainable_parameters']:,}",
-            " + ".join(str(s) for s in row["steps"]), f"{row['old_avg']:.4f}", f"{row['new_avg']:.4f}",
-            signed(row["forgetting"]), signed(row["gain"])]
+    cells = [title, str(row["new_experts"]), f"{row['total_parameters']:,}", f"{row['trainable_parameters']:,}",
+             " + ".join(str(s) for s in row["steps"]), f"{row['old_avg']:.4f}", f"{row['new_avg']:.4f}",
+             signed(row["forgetting"]), signed(row["gain"])]
+    if vocabulary:
+        cells += [_number(row.get("new_bytes_per_token"), 2), _number(row.get("train_bytes_per_second")),
+                  _number(row.get("generation_characters_per_second"), 1)]
+    return cells
 
 
 COLUMNS = ("variant", "new experts", "parameters", "trainable", "steps", "Old-avg bpb", "New-avg bpb", "forgetting", "gain")
+# With a vocabulary variant: the new languages' bytes per token, stage 1's training text per second, generation speed
+VOCABULARY_COLUMNS = ("New bytes/token", "train bytes/s", "gen chars/s")
+
+
+def _columns(table: dict) -> tuple[str, ...]:
+    return COLUMNS + (VOCABULARY_COLUMNS if table.get("equal_text") else ())
 
 
 def _caption(table: dict) -> str:
     base = table["base"]
     return (f"base model ({base['total_parameters']:,} parameters): Old-avg {base['old_avg']:.4f}, New-avg {base['new_avg']:.4f} "
             f"bits per byte on {', '.join(table['old_languages'])} / {', '.join(table['new_languages'])} "
-            f"(≤ {table['max_tokens'] or 'all'} held-out tokens each). forgetting = Old-avg − base (> 0: worse); "
+            + (f"(the same held-out text for every model: what ≤ {table['max_tokens'] or 'all'} base-tokenizer tokens cover). "
+               if table.get("equal_text") else f"(≤ {table['max_tokens'] or 'all'} held-out tokens each). ")
+            + "forgetting = Old-avg − base (> 0: worse); "
             "gain = base − New-avg (> 0: better). steps: stage 1 (+ stage 2), same stage-1 data and tokens for all.")
 
 
@@ -93,23 +144,43 @@ def _heading(table: dict) -> str:
 def compare_table(table: dict) -> Table:
     rich_table = Table(title=f"{_heading(table)}: held-out bits per byte (lower is better)",
                        title_justify="left", caption=_caption(table), caption_justify="left")
-    for column in COLUMNS:
+    for column in _columns(table):
         rich_table.add_column(column, justify="left" if column == "variant" else "right")
     for row in table["variants"]:
-        rich_table.add_row(*_cells(row))
+        rich_table.add_row(*_cells(row, table.get("equal_text", False)))
     return rich_table
+
+
+def vocabulary_markdown(table: dict) -> list[str]:
+    """Bytes per token per language, the base tokenizer's beside the vocabulary variant's (markdown rows)."""
+    rows = {row["variant"]: row for row in table["variants"]}
+    vocab = rows.get("layermoe-vocab")
+    if vocab is None:
+        return []
+    base = table["base"]["bytes_per_token"]
+    lines = ["| language | bytes/token, base tokenizer | with the new vocabulary | ratio |", "|---|---:|---:|---:|"]
+    for lang in table["old_languages"] + table["new_languages"]:
+        before, after = base[lang], vocab["bytes_per_token"][lang]
+        lines.append(f"| {lang}{' (old)' if lang in table['old_languages'] else ''} | {before:.2f} | {after:.2f} | "
+                     f"{after / before:.2f}× |")
+    return lines + [""]
 
 
 def _settings_line(table: dict) -> str:
     settings = table["settings"]
     rows = {row["variant"]: row for row in table["variants"]}
     parts = [f"MoE-LPR: {settings['baseline_new_experts_per_layer']} new experts in every layer "
-             f"({settings['baseline_new_experts']} in all)"]
+             f"({settings['baseline_new_experts']} in all)"] if "moe-lpr" in rows else []
     if settings.get("budgets"):
         parts.append("LayerMoE: Eq. 10 at δ = " + ", ".join(str(b) for b in sorted(set(settings["budgets"]))))
     else:
-        parts.append(f"LayerMoE: {settings['layermoe_share']:g} of that, {settings['layermoe_new_experts']} new experts "
+        parts.append(f"LayerMoE: {settings['layermoe_share']:g} of "
+                     + ("that" if "moe-lpr" in rows else f"MoE-LPR's {settings['baseline_new_experts']}")
+                     + f", {settings['layermoe_new_experts']} new experts "
                      f"(δ = {settings['layermoe_budget']}), allocated by Eq. 10")
+    if "layermoe-vocab" in rows:
+        parts.append(f"LayerMoE + vocabulary: the same δ and steps, with up to {settings['vocabulary_new_tokens']:,} new "
+                     "tokens learned from the new languages' training text (`expand --new-tokens`)")
     neuron = rows.get("neuronmoe")
     if neuron is not None:
         if settings.get("neuron_mapping") == "linear":
@@ -122,10 +193,11 @@ def _settings_line(table: dict) -> str:
 
 
 def compare_markdown(table: dict) -> str:
-    lines = [f"# {_heading(table)}", "", "| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in table["variants"]]
-    lines += ["", _caption(table), "", _settings_line(table), "", "![gain and forgetting against trained parameters](compare.png)", ""]
+    columns = _columns(table)
+    lines = [f"# {_heading(table)}", "", "| " + " | ".join(columns) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
+    lines += ["| " + " | ".join(_cells(row, table.get("equal_text", False))) + " |" for row in table["variants"]]
+    lines += ["", _caption(table), ""] + vocabulary_markdown(table) + [_settings_line(table), "", "![gain and forgetting against trained parameters](compare.png)", ""]
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from layermoe.core.console import console, err_console
@@ -38,10 +39,12 @@ from layermoe.core.progress import token_progress
 from layermoe.core.workdir import Workdir, atomic_write_text, session
 from layermoe.data import prepare
 from layermoe.evaluation import evaluate_languages
+from layermoe.evaluation.windows import texts_within_tokens
 from layermoe.modeling import parameter_groups
 from layermoe.modeling.base import gguf_checkpoint_dir, load_model, resolve_model_spec
+from layermoe.modeling.generation import continue_text
 from layermoe.pipeline.common import documents_for_tokens, load_base, load_recorded_checkpoint, texts_for
-from layermoe.pipeline.compare.plan import TITLES, check_compare_recipe, expert_budgets, plan_variants
+from layermoe.pipeline.compare.plan import TITLES, check_compare_recipe, expert_budgets, plan_variants, wanted
 from layermoe.pipeline.compare.render import compare_table, summarise, write_outputs
 from layermoe.pipeline.lineage import run_lineage
 from layermoe.pipeline.options import AllocateOptions, CompareOptions
@@ -90,14 +93,18 @@ def run_compare(workdir: Workdir, recipe, budgets: list[int] | None = None) -> d
             console.rule(f"[bold]compare: {variant['title']}[/] ({allocate['strategy']}"
                          + (f", δ = {delta})" if delta is not None else ", linear mapping)"))
             manifests[variant["name"]] = _run_moe_variant(Workdir(root / variant["name"]), shared_cache, recipe,
-                                                          generation_spec, allocate)
-        console.rule(f"[bold]compare: {TITLES['dense']}")
-        reference_name = variants[0]["name"]
+                                                          generation_spec, allocate, variant.get("expand"))
+        reference_name = next(v["name"] for v in variants if "expand" not in v) if any(
+            "expand" not in v for v in variants) else variants[0]["name"]
         reference = Workdir(root / reference_name)  # its manifest records the data every variant reads
-        dense = _run_dense(root / "dense", reference, manifests[reference_name], dense_config)
+        dense = None
+        if wanted(spec, "dense"):
+            console.rule(f"[bold]compare: {TITLES['dense']}")
+            dense = _run_dense(root / "dense", reference, manifests[reference_name], dense_config)
         console.rule("[bold]compare: held-out bits per byte")
         max_tokens = generation_spec.eval.max_tokens if generation_spec.eval is not None else None
-        figures = _evaluate_all(root, reference, manifests, dense, max_tokens, recipe.device)
+        equal_text = any("expand" in v for v in variants)
+        figures = _evaluate_all(root, reference, manifests, dense, max_tokens, recipe.device, equal_text)
         table = summarise(manifests, variants, dense, figures, budgets_used, spec, max_tokens)
     write_outputs(workdir.root, table)
     console.print(compare_table(table))
@@ -121,7 +128,8 @@ def _base_num_layers(model: str, cache: Path) -> int:
 # ---------------------------------------------------------------- the two MoE variants
 
 
-def _run_moe_variant(workdir: Workdir, shared_cache: Path, recipe, generation_spec, allocate: dict) -> Manifest:
+def _run_moe_variant(workdir: Workdir, shared_cache: Path, recipe, generation_spec, allocate: dict,
+                     expand: dict | None = None) -> Manifest:
     """One G0 → G1 run of the lineage runner in its own work dir, with this variant's allocation."""
     workdir.root.mkdir(parents=True, exist_ok=True)
     shared_cache.mkdir(parents=True, exist_ok=True)
@@ -130,12 +138,26 @@ def _run_moe_variant(workdir: Workdir, shared_cache: Path, recipe, generation_sp
         workdir.cache_dir.symlink_to(os.path.relpath(shared_cache, workdir.root), target_is_directory=True)
     if workdir.has_manifest():
         _check_same_allocation(workdir, workdir.load(), allocate)
+        _check_same_vocabulary(workdir, workdir.load(), expand or {})
     variant = recipe.model_copy(update={
         "compare": None,
-        "generations": [generation_spec.model_copy(update={"allocate": AllocateOptions(**allocate), "eval": None})],
+        "generations": [generation_spec.model_copy(update={
+            "allocate": AllocateOptions(**allocate), "eval": None,
+            "expand": generation_spec.expand.model_copy(update=expand or {})})],
     })
     with session(workdir):
         return run_lineage(workdir, variant)
+
+
+def _check_same_vocabulary(workdir: Workdir, manifest: Manifest, expand: dict) -> None:
+    record = manifest.generations[1].expansion
+    if record.status != StepStatus.done:
+        return
+    recorded = {key: record.config.get(key, False if key == "attach_marks" else None) for key in ("new_tokens", "attach_marks")}
+    wanted = {"new_tokens": expand.get("new_tokens"), "attach_marks": expand.get("attach_marks", False)}
+    if recorded != wanted:
+        raise LayermoeError(f"{workdir.root} was expanded with {recorded['new_tokens'] or 'no'} new tokens, not "
+                            f"{wanted['new_tokens'] or 'none'}: delete that folder to compare at the new settings")
 
 
 def _check_same_allocation(workdir: Workdir, manifest: Manifest, allocate: dict) -> None:
@@ -225,9 +247,14 @@ def _run_dense(out: Path, reference: Workdir, manifest: Manifest, config) -> dic
 # ---------------------------------------------------------------- evaluation
 
 
-def _evaluate_all(root: Path, reference: Workdir, manifests: dict[str, Manifest], dense: dict, max_tokens, device) -> dict:
-    """Bits per byte of the base model and the three variants on one set of held-out texts (cached per model)."""
+def _evaluate_all(root: Path, reference: Workdir, manifests: dict[str, Manifest], dense: dict | None, max_tokens,
+                  device, equal_text: bool = False) -> dict:
+    """Bits per byte of the base model and every variant on one set of held-out texts (cached per model).
 
+    `equal_text` (a vocabulary variant is compared): the texts are cut to what the base
+    tokenizer's `max_tokens` covers and scored in full by every model, so each model reads the
+    same bytes whatever its tokenizer (a token cap would give the longer tokens more text).
+    """
     device = resolve_device(device)
     manifest = reference.load()
     generation = manifest.generations[1]
@@ -236,14 +263,16 @@ def _evaluate_all(root: Path, reference: Workdir, manifests: dict[str, Manifest]
 
     def held_out():
         if not texts:
+            base_tokenizer = load_base(reference, manifest, device="cpu")[1] if equal_text and max_tokens else None
             for lang in languages:
                 texts[lang] = texts_for(reference, generation, lang, "heldout", limit=documents_for_tokens(max_tokens))
                 if not texts[lang]:
                     raise LayermoeError(f"the held-out split of {lang} is empty: give it more documents with `data:`")
+                if base_tokenizer is not None:
+                    texts[lang] = texts_within_tokens(base_tokenizer, texts[lang], max_tokens)
         return texts
 
     def load_dense():
-
         return load_model(resolve_model_spec(str(root / "dense" / "model")), device=device)
 
     jobs = {"base": (lambda: load_base(reference, manifest, device=device), "base model")}
@@ -252,14 +281,31 @@ def _evaluate_all(root: Path, reference: Workdir, manifests: dict[str, Manifest]
         load = (lambda name=name, record=record: load_recorded_checkpoint(Workdir(root / name), manifests[name],
                                                                             record.checkpoint, device=device))
         jobs[name] = (load, record.finished_at.isoformat())
-    jobs["dense"] = (load_dense, dense["finished_at"])
-    return {name: _measure(root / "eval" / f"{name}.json", name, load, trained, languages, max_tokens, held_out, device)
+    if dense is not None:
+        jobs["dense"] = (load_dense, dense["finished_at"])
+    prompts = _generation_prompts(held_out, list(generation.new_languages)) if equal_text else None
+    return {name: _measure(root / "eval" / f"{name}.json", name, load, trained, languages, max_tokens, held_out, device,
+                           equal_text, prompts if name in ("layermoe", "layermoe-vocab") else None)
             for name, (load, trained) in jobs.items()}
 
 
-def _measure(path: Path, name: str, load, trained: str, languages, max_tokens, held_out, device) -> dict:
+GENERATED_TOKENS = 48  # per prompt, for the generation speed of a vocabulary comparison
 
+
+def _generation_prompts(held_out, languages: list[str]):
+    """One prompt per new language (the first words of its first held-out text), read when first needed."""
+    def prompts():
+        return {lang: " ".join(held_out()[lang][0].split()[:6]) for lang in languages}
+    return prompts
+
+
+def _measure(path: Path, name: str, load, trained: str, languages, max_tokens, held_out, device,
+             equal_text: bool = False, prompts=None) -> dict:
     key = {"model": name, "trained": trained, "languages": languages, "max_tokens": max_tokens}
+    if equal_text:
+        key["equal_text"] = True
+    if prompts is not None:
+        key["generated_tokens"] = GENERATED_TOKENS
     if path.is_file():
         cached = json.loads(path.read_text(encoding="utf-8"))
         if cached["key"] == key:
@@ -267,12 +313,33 @@ def _measure(path: Path, name: str, load, trained: str, languages, max_tokens, h
             return cached
     model, tokenizer = load()
     with token_progress(f"eval {name}") as update:
-        results = evaluate_languages(model, tokenizer, held_out(), max_tokens=max_tokens, device=device, progress=update)
+        results = evaluate_languages(model, tokenizer, held_out(), max_tokens=None if equal_text else max_tokens,
+                                     device=device, progress=update)
     figures = {"key": key, "bpb": {lang: r.bpb for lang, r in results.items()},
-               "tokens": {lang: r.tokens for lang, r in results.items()}, **_parameter_counts(model)}
+               "tokens": {lang: r.tokens for lang, r in results.items()},
+               "bytes": {lang: r.bytes for lang, r in results.items()}, **_parameter_counts(model)}
+    if prompts is not None:
+        figures["generation"] = _generation_speed(model, tokenizer, prompts())
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(figures, indent=2) + "\n")
     return figures
+
+
+def _generation_speed(model, tokenizer, prompts: dict[str, str]) -> dict:
+    """Greedy continuation of each prompt: characters of new text per second, per language.
+
+    The fair decoding speed across tokenizers: tokens per second hides how much text a token
+    holds. The first prompt runs twice and its first timing is dropped (warm-up).
+    """
+    speed = {}
+    for k, (lang, prompt) in enumerate([next(iter(prompts.items()))] + list(prompts.items())):
+        began = time.perf_counter()
+        continuation = continue_text(model, tokenizer, prompt, max_new_tokens=GENERATED_TOKENS, stop_at_eos=False)
+        seconds = time.perf_counter() - began
+        if k:
+            speed[lang] = {"characters": len(continuation.text), "tokens": len(continuation.new_ids), "seconds": seconds,
+                           "characters_per_second": len(continuation.text) / seconds}
+    return speed
 
 
 def _parameter_counts(model) -> dict:
