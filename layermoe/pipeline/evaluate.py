@@ -23,6 +23,7 @@ from layermoe.core.workdir import Workdir, run_step, session
 from layermoe.data import describe_source, load_documents, parse_data_args
 from layermoe.evaluation import forgetting_and_gain, group_averages, summarise_routing
 from layermoe.evaluation.lm_eval import parse_batch_size, run_lm_eval
+from layermoe.evaluation.report import render_report
 from layermoe.modeling.base import ModelSource
 from layermoe.pipeline.common import (
     base_source,
@@ -283,10 +284,6 @@ def _summarise(manifest: Manifest, generation: Generation, record: EvalRecord, o
 
 
 def _write_report(workdir: Workdir, manifest: Manifest) -> None:
-    try:
-        from layermoe.evaluation.report import render_report
-    except ImportError:
-        return
     render_report(manifest.model_dump(mode="json"), workdir.root)
 
 

@@ -16,7 +16,7 @@ from layermoe.core.manifest import Generation, Manifest, StepStatus
 from layermoe.core.workdir import StepAlreadyDone, Workdir, session
 from layermoe.data.languages import validate_language_group
 from layermoe.modeling import ROUTER_INITS
-from layermoe.pipeline.allocate import allocate_generation, check_neuron_settings, resolve_budget
+from layermoe.pipeline.allocate import allocate_generation, check_neuron_settings, manual_counts, resolve_budget
 from layermoe.pipeline.common import latest_checkpoint
 from layermoe.pipeline.drift import measure_drift
 from layermoe.pipeline.expand import expand_generation
@@ -105,8 +105,6 @@ def _check_arguments(manifest: Manifest, options: ExtendOptions) -> None:
     linear = strategy == "neuron" and allocate.neuron_mapping == "linear"
     manual = allocate.experts_per_layer is not None or allocate.total_experts_per_layer is not None
     if manual:
-        from layermoe.pipeline.allocate import manual_counts
-
         counts = manual_counts(manifest, manifest.current if manifest.current.index >= 2 and
                                manifest.current.new_languages == options.new else _next(manifest), allocate)
         alloc.allocate_manual(counts, manifest.base_model.num_layers)
