@@ -112,46 +112,108 @@ def check_supported(config) -> str:
 
 
 def gguf_architecture(path: str | Path) -> str | None:
-    """`general.architecture` from a GGUF header, reading only the first key/value pairs.
+    """`general.architecture` from a GGUF header, the whole header checked first.
 
-    The full GGUFReader also parses the tokenizer arrays (seconds for a 49k vocabulary);
-    the architecture is conventionally the first key, so a few hundred bytes suffice.
+    Every length and count the header announces (strings, arrays, key/value pairs, tensors,
+    dimensions) is checked against the bytes left in the file before it is read, so a
+    truncated or foreign file is one line, never a MemoryError. Values are skipped, not
+    read: a 49k-token vocabulary array costs milliseconds.
     """
     try:
-        return _gguf_architecture(path)
-    except (struct.error, EOFError, ValueError, IndexError, OSError) as e:
-        # struct.error: the file ends inside the header; the others come from the full reader
+        return _GgufHeader(Path(path)).architecture()
+    except (struct.error, EOFError, ValueError, OSError) as e:
+        # struct.error: the file ends inside the header
         raise LayermoeError(f"{path} is truncated or not a GGUF file ({type(e).__name__}: {e}): "
                             "download or convert it again") from None
 
 
-def _gguf_architecture(path: str | Path) -> str | None:
-    scalar_sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
-    with open(path, "rb") as f:
-        magic, version = f.read(4), struct.unpack("<I", f.read(4))[0]
-        if magic != b"GGUF" or version < 2:
-            raise LayermoeError(f"{path} is not a GGUF file (version 2 or later)")
-        _tensor_count, kv_count = struct.unpack("<QQ", f.read(16))
+class _GgufHeader:
+    """A GGUF header walked with every announced length checked against the bytes left."""
 
-        def read_string() -> str:
-            (length,) = struct.unpack("<Q", f.read(8))
+    SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
+    STRING, ARRAY = 8, 9
+    MAX_DIMS = 8
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.size = path.stat().st_size
+
+    def _left(self, f) -> int:
+        return self.size - f.tell()
+
+    def _read(self, f, fmt: str):
+        need = struct.calcsize(fmt)
+        if need > self._left(f):
+            raise EOFError(f"the file ends at byte {self.size:,}, inside the header")
+        return struct.unpack(fmt, f.read(need))
+
+    def _count(self, f, what: str, each: int) -> int:
+        (count,) = self._read(f, "<Q")
+        if count * each > self._left(f):
+            raise ValueError(f"it announces {count:,} {what} at byte {f.tell() - 8:,}, more than the "
+                             f"{self._left(f):,} bytes left")
+        return count
+
+    def _string(self, f, keep: bool = False) -> str | None:
+        length = self._count(f, "bytes of a string", 1)
+        if keep:
             return f.read(length).decode("utf-8", errors="replace")
+        f.seek(length, 1)
+        return None
 
-        for _ in range(kv_count):
-            key = read_string()
-            (value_type,) = struct.unpack("<I", f.read(4))
-            if value_type == 8:  # string
-                value = read_string()
-                if key == "general.architecture":
-                    return value
-            elif value_type in scalar_sizes:
-                f.read(scalar_sizes[value_type])
+    def _skip_value(self, f, value_type: int) -> None:
+        if value_type == self.STRING:
+            self._string(f)
+        elif value_type in self.SCALAR_SIZES:
+            if self.SCALAR_SIZES[value_type] > self._left(f):
+                raise EOFError(f"the file ends at byte {self.size:,}, inside the header")
+            f.seek(self.SCALAR_SIZES[value_type], 1)
+        elif value_type == self.ARRAY:
+            (item_type,) = self._read(f, "<I")
+            if item_type == self.ARRAY:
+                raise ValueError("it holds an array of arrays")
+            each = 8 if item_type == self.STRING else self.SCALAR_SIZES.get(item_type)
+            if each is None:
+                raise ValueError(f"unknown array element type {item_type} at byte {f.tell() - 4:,}")
+            count = self._count(f, "array elements", each)
+            if item_type == self.STRING:
+                for _ in range(count):
+                    self._string(f)
             else:
-                break  # an array before the architecture: let the full reader find it
-    from gguf import GGUFReader
+                f.seek(count * each, 1)
+        else:
+            raise ValueError(f"unknown value type {value_type} at byte {f.tell() - 4:,}")
 
-    field = GGUFReader(str(path)).fields.get("general.architecture")
-    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
+    def architecture(self) -> str | None:
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+            if magic != b"GGUF":
+                raise LayermoeError(f"{self.path} is not a GGUF file (version 2 or later)")
+            (version,) = self._read(f, "<I")
+            if version < 2:
+                raise LayermoeError(f"{self.path} is not a GGUF file (version 2 or later)")
+            (tensor_count,) = self._read(f, "<Q")
+            kv_count = self._count(f, "key/value pairs", 8 + 4)  # each: a key length and a value type at least
+            architecture = None
+            for _ in range(kv_count):
+                key = self._string(f, keep=True)
+                (value_type,) = self._read(f, "<I")
+                if key == "general.architecture" and value_type == self.STRING:
+                    architecture = self._string(f, keep=True)
+                else:
+                    self._skip_value(f, value_type)
+            if tensor_count * (8 + 4 + 4 + 8) > self._left(f):  # name length, n_dims, type, offset at least
+                raise ValueError(f"it announces {tensor_count:,} tensors, more than the {self._left(f):,} bytes left hold")
+            for _ in range(tensor_count):
+                self._string(f)
+                (dims,) = self._read(f, "<I")
+                if dims > self.MAX_DIMS:
+                    raise ValueError(f"a tensor with {dims:,} dimensions at byte {f.tell() - 4:,}")
+                self._read(f, f"<{dims}Q")
+                _type, offset = self._read(f, "<IQ")
+                if offset > self.size:
+                    raise ValueError(f"a tensor at offset {offset:,}, beyond the file's {self.size:,} bytes")
+        return architecture
 
 
 def _weight_files(directory: Path) -> list[Path]:
