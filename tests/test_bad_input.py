@@ -48,7 +48,7 @@ def tree_hash(root: Path) -> str | None:
     """One digest of every path under `root` and every file's bytes (None: `root` does not exist)."""
     if not os.path.lexists(root):
         return None
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"{Path(root).is_dir()} {Path(root).is_symlink()}".encode())
     for path in sorted(Path(root).rglob("*")):
         digest.update(str(path.relative_to(root)).encode() + b"\0")
         if path.is_file() and not path.is_symlink():
@@ -145,6 +145,14 @@ def edit_config(**changes) -> Callable[[Env], dict]:
     return setup
 
 
+def write_into_model(name: str, content: bytes) -> Callable[[Env], dict]:
+    def setup(env: Env) -> dict:
+        model = env.model_copy()
+        (model / name).write_bytes(content)
+        return {"model": model}
+    return setup
+
+
 def empty_weights(env: Env) -> dict:
     model = env.model_copy()
     (model / "model.safetensors").write_bytes(b"")
@@ -214,7 +222,7 @@ def write_file(name: str, content: bytes) -> Callable[[Env], dict]:
 def symlinked_workdir(env: Env) -> dict:
     link = env.tmp / "link"
     link.symlink_to(env.tmp / "nowhere" / "run")
-    return {"link": link}
+    return {"link": link, "tiny": env.tiny}
 
 
 # ------------------------------------------------------------------ the table
@@ -228,8 +236,12 @@ ROWS = [
     Row("model-config-no-hidden-size", [*PROFILE, "{model}"], "{model}/config.json has no hidden_size",
         setup=edit_config(hidden_size=None)),
     Row("model-config-disagrees-with-weights", [*PROFILE, "{model}"],
-        "{model}/model.safetensors: model.embed_tokens.weight is [512, 32], but config.json (hidden_size 48",
+        "{model}/model.safetensors: lm_head.weight is [512, 32], but config.json (vocab_size 512, hidden_size 48",
         setup=edit_config(hidden_size=48, head_dim=12)),
+    Row("model-config-more-layers-than-weights", [*PROFILE, "{model}"], "has no tensor model.layers.4.",
+        setup=edit_config(num_hidden_layers=6)),
+    Row("model-tokenizer-not-a-tokenizer", [*PROFILE, "{model}"], "the tokenizer in {model} does not load",
+        setup=write_into_model("tokenizer.json", b"{}")),
     Row("model-empty-weights", [*PROFILE, "{model}"], "{model}/model.safetensors is empty (0 bytes)", setup=empty_weights),
     # issue 24, 8: a GGUF header that announces more than the file holds
     Row("gguf-string-longer-than-file", [*PROFILE, "{gguf}"], "{gguf} is truncated or not a GGUF file", setup=bad_gguf),
@@ -240,7 +252,9 @@ ROWS = [
     Row("train-seq-len-beyond-positions", ["train", "--stage", "1", "--seq-len", "100000"],
         f"--seq-len 100,000 is more than the {POSITIONS} positions of g1/expanded", workdir="expanded"),
     Row("generate-prompt-beyond-context", ["generate", "--prompt", "{prompt}", "--max-new-tokens", "8"],
-        f"positions of g1/expanded", workdir="expanded", setup=long_prompt),
+        "more than the 256 positions of G1 (g1/expanded)", workdir="expanded", setup=long_prompt),
+    Row("generate-new-tokens-beyond-context", ["generate", "--prompt", "Hello", "--max-new-tokens", "300"],
+        "--max-new-tokens 300 leaves no room for the prompt in the 256 positions of G1 (g1/expanded)", workdir="expanded"),
     # issue 24, 4: usage errors in one line
     Row("usage-float-for-int", ["allocate", "--budget", "10.5"], "error: --budget expects an integer, got '10.5'",
         workdir="expanded"),
@@ -261,15 +275,22 @@ ROWS = [
     Row("resume-checkpoint-corrupt", ["train", "--stage", "1", *TRAIN], "{checkpoint}/trainable.safetensors does not match",
         workdir="trained", setup=corrupt_resume_checkpoint),
     # issue 24, cases not tried before
-    Row("max-steps-negative", ["train", "--stage", "1", "--max-steps", "-1"], "--max-steps", workdir="expanded"),
+    Row("max-steps-negative", ["train", "--stage", "1", "--max-steps", "-1"],
+        "bad training setting max_steps: Input should be greater than 0", workdir="expanded"),
     Row("max-steps-not-integer", ["train", "--stage", "1", "--max-steps", "2.5"],
         "error: --max-steps expects an integer, got '2.5'", workdir="expanded"),
     Row("recipe-empty", ["train", "--stage", "1", "--recipe", "{file}"], "{file} is empty", workdir="expanded",
         setup=write_file("empty.yaml", b"")),
+    Row("recipe-binary", ["train", "--stage", "1", "--recipe", "{file}"], "{file} is not a text file", workdir="expanded",
+        setup=write_file("binary.yaml", b"\xff\xfe\x00\x81" * 16)),
+    Row("run-recipe-empty", ["run", "{file}"], "recipe {file} is empty", setup=write_file("empty.yaml", b"")),
+    Row("run-recipe-binary", ["run", "{file}"], "recipe {file} is not a text file",
+        setup=write_file("binary.yaml", b"\xff\xfe\x00\x81" * 16)),
     Row("accelerate-config-missing", ["recipes", "fsdp3"], "no shipped recipe or accelerate config named 'fsdp3'"),
     Row("budget-zero", ["allocate", "--budget", "0", "--force"], "expert budget 0 is smaller than the 4 layers",
         workdir="expanded"),
-    Row("workdir-dangling-symlink", ["-w", "{link}", "status"], "{link}"),
+    Row("workdir-dangling-symlink", ["-w", "{link}", *PROFILE, "{tiny}"], "work dir {link} is a symlink to", setup=symlinked_workdir),
+    Row("workdir-symlink-no-manifest", ["-w", "{link}", "status"], "no layermoe manifest in {link}", setup=symlinked_workdir),
     Row("eval-data-empty-file", ["eval", "--data", "el={file}"], "{file} has no non-blank document", workdir="expanded",
         setup=write_file("empty.txt", b"")),
     Row("eval-data-binary-file", ["eval", "--data", "el={file}"], "{file}", workdir="expanded",
@@ -292,6 +313,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(row: Row, tmp_path, re
     args = [a.format(**values) for a in row.args]
     before = tree_hash(workdir)
     if args[0] == "-w":  # the row gives its own work dir
+        workdir = Path(args[1])
+        before = tree_hash(workdir)
         result = runner.invoke(app, args, env={"COLUMNS": "200"})
     else:
         result = layermoe(workdir, *args)
