@@ -216,6 +216,9 @@ class Workdir:
         return fd
 
     def _make_root(self) -> None:
+        if self.root.is_symlink() and not self.root.exists():
+            raise LayermoeError(f"work dir {self.root} is a symlink to {os.readlink(self.root)}, which does not exist: "
+                                "create that folder, or pass another --workdir")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
