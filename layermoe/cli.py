@@ -8,10 +8,13 @@ so `layermoe --help` starts in a moment.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
+import re
 import sys
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -19,6 +22,7 @@ from typing import Any, Callable, Optional
 import typer
 from pydantic import BaseModel, ValidationError
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from layermoe import __version__
 from layermoe.core.console import console, err_console
@@ -28,8 +32,101 @@ from layermoe.core.options import first_error, flags_from, flags_of, is_comma_li
 from layermoe.core.workdir import StepAlreadyDone, Workdir, disk_full_message
 from layermoe.pipeline import options as step_options
 
+
+def _flag_name(param) -> str:
+    """How the user wrote (or would write) a parameter: its long flag, else its first one, else its name."""
+    if param is None:
+        return "an argument"
+    opts = list(getattr(param, "opts", []) or [])
+    long = [o for o in opts if o.startswith("--")]
+    return (long or opts or [(param.name or "").upper()])[0]
+
+
+def _known_options(ctx) -> list[str]:
+    if ctx is None:
+        return []
+    return [o for p in ctx.command.get_params(ctx) for o in getattr(p, "opts", []) if o.startswith("--")]
+
+
+# Typer (from 0.22 on, its own copy of click) reports a bad value from pydantic; click, in its own words.
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "decimal": "a number"}
+_NOT_VALID = re.compile(r"^'?(?P<value>.*?)'? is not a valid (?P<kind>[\w ]+?)\.?$", re.S)
+
+
+def _bad_value(error) -> tuple[object, str] | None:
+    """(the value given, what was expected) of a bad parameter value, or None if unknown."""
+    cause = error.__cause__
+    if cause is not None and hasattr(cause, "errors"):
+        first = cause.errors()[0]
+        kind = _KINDS.get(first.get("type", "").split("_")[0])
+        if kind is not None:
+            return first.get("input"), kind
+    found = _NOT_VALID.match(str(getattr(error, "message", "")).strip())
+    if found:
+        kind = found["kind"]
+        return found["value"], f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+    return None
+
+
+def usage_message(error) -> str:
+    """A click/Typer usage error as one line in the project's style (without the `error:` prefix)."""
+    kinds = {c.__name__ for c in type(error).__mro__}  # by name: Typer may carry its own click
+    ctx = error.ctx
+    command = ctx.info_name if ctx is not None and ctx.parent is not None else None
+    where = command or "layermoe"
+    helps = f"see `layermoe {command + ' ' if command else ''}--help`"
+    if "NoSuchOption" in kinds:
+        near = error.possibilities or difflib.get_close_matches(error.option_name, _known_options(ctx))
+        return f"{where} has no option {error.option_name}: " + (f"did you mean {near[0]}?" if near else helps)
+    if "NoSuchCommand" in kinds or str(error.message).startswith("No such command"):
+        name = getattr(error, "command_name", None) or str(error.message).split("'")[1]
+        near = difflib.get_close_matches(name, list(ctx.command.commands) if ctx is not None else [])
+        return f"no command {name!r}: " + (f"did you mean {near[0]}?" if near else "see `layermoe --help`")
+    if "MissingParameter" in kinds:
+        return f"{where} needs {_flag_name(error.param)}: {helps}"
+    if "BadParameter" in kinds:
+        flag = _flag_name(error.param)
+        bad = _bad_value(error)
+        if bad is not None:
+            return f"{flag} expects {bad[1]}, got {str(bad[0])!r}"
+        return f"{flag}: {str(error.message).strip().rstrip('.')}"
+    message = (error.format_message().strip().splitlines() or ["bad usage"])[0]
+    if "BadOptionUsage" in kinds and "requires an argument" in message:
+        return f"{error.option_name} needs a value"
+    return f"{message[:1].lower()}{message[1:].rstrip('.')}: {helps}"
+
+
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+@contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except _USAGE_ERROR as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # `layermoe` alone: the help, as Typer shows it
+            raise
+        _error(usage_message(error))
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Typer's group, with usage errors (a typo, a word for a number) as one line, exit code 2.
+
+    `--help`, and the help shown when no command is given, stay Typer's own.
+    """
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _one_line_usage_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():  # the command's name and its own options are parsed here
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
     name="layermoe",
+    cls=_OneLineUsageErrors,
     help="Teach a dense causal LM new languages without forgetting the old ones (LayerMoE, ACL 2025).",
     no_args_is_help=True,
     rich_markup_mode="rich",

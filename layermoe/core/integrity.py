@@ -143,6 +143,18 @@ def safetensors_problem(path: str | Path) -> str | None:
     return None
 
 
+def safetensors_shapes(path: str | Path) -> dict[str, list[int]]:
+    """{tensor name: shape} from a safetensors header (nothing else is read); LayermoeError if unreadable."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            _, header = _read_header(f, path.stat().st_size)
+    except _Unreadable as e:
+        raise LayermoeError(f"{path} is truncated or corrupt: {e}") from None
+    return {name: list(info.get("shape") or []) for name, info in header.items()
+            if name != "__metadata__" and isinstance(info, dict)}
+
+
 def safetensors_checksums(path: str | Path) -> tuple[str, dict[str, str]]:
     """(sha256 of the file, {tensor name: digest of its bytes}) from one streaming pass.
 
@@ -251,7 +263,8 @@ def check_files(directory: str | Path, recorded: dict[str, dict], *, shown: str,
 
 def check_sha256(files: dict[str, Path], recorded: dict[str, str], tensors: dict[str, dict[str, str]], *, shown: str,
                  fix: str) -> None:
-    """Like `check_files` for a base model: `files` name -> path now, `recorded` name -> sha256."""
+    """Like `check_files` for a base model: `files` name -> path now, `recorded` name -> sha256 (its weights; in
+    work dirs made by newer versions, its config.json and tokenizer files too)."""
     if not recorded or not verification_enabled():
         return
     for name, want in recorded.items():

@@ -127,11 +127,24 @@ class Workdir:
                 f"no layermoe manifest in {self.root}: start with `layermoe profile --model M --old L --new L` "
                 "(or pass --workdir)"
             )
-        manifest = parse_manifest(self.manifest_path.read_text(encoding="utf-8"), str(self.manifest_path))
+        manifest = parse_manifest(self._manifest_text(), str(self.manifest_path))
         if manifest.base_model is None:
             raise LayermoeError(f"{self.manifest_path} records no base model: restore it from a backup or start a new "
                                 "work dir with `layermoe profile --model M ...`")
         return manifest
+
+    def _manifest_text(self) -> str:
+        """manifest.json as text; one line naming the file if it cannot be read or is not UTF-8 text."""
+        restore = "restore it from a backup, or start a new work dir with `layermoe profile --model M ...`"
+        try:
+            data = self.manifest_path.read_bytes()
+        except OSError as e:
+            raise LayermoeError(f"cannot read {self.manifest_path} ({e.strerror or e}): make it readable, or {restore}") from None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise LayermoeError(f"{self.manifest_path} is not a text file (byte {e.start:,} is not UTF-8), so not a layermoe "
+                                f"manifest: {restore}") from None
 
     def save(self, manifest: Manifest) -> None:
         manifest.updated_at = utc_now()
@@ -203,6 +216,9 @@ class Workdir:
         return fd
 
     def _make_root(self) -> None:
+        if self.root.is_symlink() and not self.root.exists():
+            raise LayermoeError(f"work dir {self.root} is a symlink to {os.readlink(self.root)}, which does not exist: "
+                                "create that folder, or pass another --workdir")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from layermoe.compat import model_loading_options, shared_gguf_parsing
 from layermoe.core.errors import LayermoeError
-from layermoe.core.integrity import check_readable_weights, file_sha256
+from layermoe.core.integrity import file_sha256, safetensors_problem, safetensors_shapes
 from layermoe.modeling import register_auto_classes
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
@@ -112,46 +112,108 @@ def check_supported(config) -> str:
 
 
 def gguf_architecture(path: str | Path) -> str | None:
-    """`general.architecture` from a GGUF header, reading only the first key/value pairs.
+    """`general.architecture` from a GGUF header, the whole header checked first.
 
-    The full GGUFReader also parses the tokenizer arrays (seconds for a 49k vocabulary);
-    the architecture is conventionally the first key, so a few hundred bytes suffice.
+    Every length and count the header announces (strings, arrays, key/value pairs, tensors,
+    dimensions) is checked against the bytes left in the file before it is read, so a
+    truncated or foreign file is one line, never a MemoryError. Values are skipped, not
+    read: a 49k-token vocabulary array costs milliseconds.
     """
     try:
-        return _gguf_architecture(path)
-    except (struct.error, EOFError, ValueError, IndexError, OSError) as e:
-        # struct.error: the file ends inside the header; the others come from the full reader
+        return _GgufHeader(Path(path)).architecture()
+    except (struct.error, EOFError, ValueError, OSError) as e:
+        # struct.error: the file ends inside the header
         raise LayermoeError(f"{path} is truncated or not a GGUF file ({type(e).__name__}: {e}): "
                             "download or convert it again") from None
 
 
-def _gguf_architecture(path: str | Path) -> str | None:
-    scalar_sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
-    with open(path, "rb") as f:
-        magic, version = f.read(4), struct.unpack("<I", f.read(4))[0]
-        if magic != b"GGUF" or version < 2:
-            raise LayermoeError(f"{path} is not a GGUF file (version 2 or later)")
-        _tensor_count, kv_count = struct.unpack("<QQ", f.read(16))
+class _GgufHeader:
+    """A GGUF header walked with every announced length checked against the bytes left."""
 
-        def read_string() -> str:
-            (length,) = struct.unpack("<Q", f.read(8))
+    SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
+    STRING, ARRAY = 8, 9
+    MAX_DIMS = 8
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.size = path.stat().st_size
+
+    def _left(self, f) -> int:
+        return self.size - f.tell()
+
+    def _read(self, f, fmt: str):
+        need = struct.calcsize(fmt)
+        if need > self._left(f):
+            raise EOFError(f"the file ends at byte {self.size:,}, inside the header")
+        return struct.unpack(fmt, f.read(need))
+
+    def _count(self, f, what: str, each: int) -> int:
+        (count,) = self._read(f, "<Q")
+        if count * each > self._left(f):
+            raise ValueError(f"it announces {count:,} {what} at byte {f.tell() - 8:,}, more than the "
+                             f"{self._left(f):,} bytes left")
+        return count
+
+    def _string(self, f, keep: bool = False) -> str | None:
+        length = self._count(f, "bytes of a string", 1)
+        if keep:
             return f.read(length).decode("utf-8", errors="replace")
+        f.seek(length, 1)
+        return None
 
-        for _ in range(kv_count):
-            key = read_string()
-            (value_type,) = struct.unpack("<I", f.read(4))
-            if value_type == 8:  # string
-                value = read_string()
-                if key == "general.architecture":
-                    return value
-            elif value_type in scalar_sizes:
-                f.read(scalar_sizes[value_type])
+    def _skip_value(self, f, value_type: int) -> None:
+        if value_type == self.STRING:
+            self._string(f)
+        elif value_type in self.SCALAR_SIZES:
+            if self.SCALAR_SIZES[value_type] > self._left(f):
+                raise EOFError(f"the file ends at byte {self.size:,}, inside the header")
+            f.seek(self.SCALAR_SIZES[value_type], 1)
+        elif value_type == self.ARRAY:
+            (item_type,) = self._read(f, "<I")
+            if item_type == self.ARRAY:
+                raise ValueError("it holds an array of arrays")
+            each = 8 if item_type == self.STRING else self.SCALAR_SIZES.get(item_type)
+            if each is None:
+                raise ValueError(f"unknown array element type {item_type} at byte {f.tell() - 4:,}")
+            count = self._count(f, "array elements", each)
+            if item_type == self.STRING:
+                for _ in range(count):
+                    self._string(f)
             else:
-                break  # an array before the architecture: let the full reader find it
-    from gguf import GGUFReader
+                f.seek(count * each, 1)
+        else:
+            raise ValueError(f"unknown value type {value_type} at byte {f.tell() - 4:,}")
 
-    field = GGUFReader(str(path)).fields.get("general.architecture")
-    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
+    def architecture(self) -> str | None:
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+            if magic != b"GGUF":
+                raise LayermoeError(f"{self.path} is not a GGUF file (version 2 or later)")
+            (version,) = self._read(f, "<I")
+            if version < 2:
+                raise LayermoeError(f"{self.path} is not a GGUF file (version 2 or later)")
+            (tensor_count,) = self._read(f, "<Q")
+            kv_count = self._count(f, "key/value pairs", 8 + 4)  # each: a key length and a value type at least
+            architecture = None
+            for _ in range(kv_count):
+                key = self._string(f, keep=True)
+                (value_type,) = self._read(f, "<I")
+                if key == "general.architecture" and value_type == self.STRING:
+                    architecture = self._string(f, keep=True)
+                else:
+                    self._skip_value(f, value_type)
+            if tensor_count * (8 + 4 + 4 + 8) > self._left(f):  # name length, n_dims, type, offset at least
+                raise ValueError(f"it announces {tensor_count:,} tensors, more than the {self._left(f):,} bytes left hold")
+            for _ in range(tensor_count):
+                self._string(f)
+                (dims,) = self._read(f, "<I")
+                if dims > self.MAX_DIMS:
+                    raise ValueError(f"a tensor with {dims:,} dimensions at byte {f.tell() - 4:,}")
+                self._read(f, f"<{dims}Q")
+                _type, offset = self._read(f, "<IQ")
+                if offset > self.size:
+                    raise ValueError(f"a tensor at offset {offset:,}, beyond the file's {self.size:,} bytes")
+        return architecture
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -170,6 +232,45 @@ def weights_sha256(source: ModelSource, cache_dir: str | Path | None = None) -> 
     if not files:
         raise LayermoeError(f"model {source.spec} has no weight files (.safetensors, .bin or .gguf)")
     return {p.name: file_sha256(p) for p in files}
+
+
+def position_limit(config: dict) -> int | None:
+    """The longest sequence a model's positions allow, from its config.json (None if it does not say).
+
+    max_position_embeddings, stretched by a RoPE scaling that extends the context (linear, dynamic,
+    yarn: `factor` times the original length); llama3 and longrope scaling already give the
+    extended length as max_position_embeddings. An expanded model: its base model's.
+    """
+    base = config.get("base_config") if isinstance(config.get("base_config"), dict) else config
+    limit = base.get("max_position_embeddings") or config.get("max_position_embeddings")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        return None
+    scaling = base.get("rope_scaling") or base.get("rope_parameters")
+    if isinstance(scaling, dict):
+        kind, factor = scaling.get("rope_type") or scaling.get("type"), scaling.get("factor")
+        if kind in ("linear", "dynamic", "yarn") and isinstance(factor, (int, float)) and factor > 1:
+            original = scaling.get("original_max_position_embeddings")
+            limit = max(limit, int(original * factor)) if isinstance(original, int) else int(limit * factor)
+    return limit
+
+
+def folder_position_limit(directory: str | Path) -> int | None:
+    """`position_limit` of a model folder's config.json (None if it has none or it is unreadable)."""
+    try:
+        return position_limit(_read_config_json(Path(directory)))
+    except LayermoeError:
+        return None
+
+
+def model_files_sha256(source: ModelSource) -> dict[str, str]:
+    """{file name: sha256} of everything a local or GGUF base model loads from: its weights, config.json and
+    tokenizer files (what `load_base` verifies later; an edited tokenizer changes every token id)."""
+    files = weights_sha256(source)
+    if source.kind == "local":
+        for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
+            if (source.path / name).is_file():
+                files[name] = file_sha256(source.path / name)
+    return files
 
 
 # --------------------------------------------------------------------------- loading
@@ -219,17 +320,131 @@ def _read_config_json(directory: Path) -> dict:
     return config
 
 
+# --------------------------------------------------------------------------- a model folder, checked up front
+
+# What a config of each supported family must give (transformers would fill a missing one with a default).
+CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# A tokenizer is one of these (the rest of a tokenizer's files only go with one of them).
+TOKENIZER_FORMS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+_checked_folders: set[tuple] = set()
+
+
+def check_model_folder(directory: str | Path, tokenizer: bool = True) -> None:
+    """Refuse, in one line naming the file and what is wrong, a model folder that cannot load:
+    config.json unreadable or incomplete, no tokenizer or one that does not load (`tokenizer`),
+    a weight file empty, truncated or of other shapes than the config's. Only headers are read.
+    """
+    directory = Path(directory)
+    config = _read_config_json(directory)
+    model_type = check_supported(config)
+    weights = _weight_files(directory)
+    key = (str(directory.resolve()), tokenizer, *((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                                 for p in [directory / "config.json", *weights]))
+    if key in _checked_folders:
+        return
+    if model_type != EXPANDED_MODEL_TYPE:
+        _check_config_complete(directory, config)
+    if tokenizer:
+        _check_tokenizer(directory)
+    if not weights:
+        raise LayermoeError(f"{directory} has no weight files (.safetensors, .bin or .gguf): copy the model's weights there")
+    for path in weights:
+        if path.stat().st_size == 0:
+            raise LayermoeError(f"{path} is empty (0 bytes): copy or download that file again")
+        if path.suffix == ".safetensors":
+            problem = safetensors_problem(path)
+            if problem is not None:
+                raise LayermoeError(f"{path} {problem}: copy or download that file again")
+    if model_type != EXPANDED_MODEL_TYPE:
+        _check_weight_shapes(directory, config, [p for p in weights if p.suffix == ".safetensors"])
+    _checked_folders.add(key)
+
+
+def _check_config_complete(directory: Path, config: dict) -> None:
+    for name in CONFIG_KEYS:
+        value = config.get(name)
+        if value is None:
+            raise LayermoeError(f"{directory / 'config.json'} has no {name}: it is not a complete "
+                                f"{config.get('model_type')} config (copy the model's config.json again)")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LayermoeError(f"{directory / 'config.json'}: {name} is {value!r}, not a positive integer")
+
+
+def _check_tokenizer(directory: Path) -> None:
+    if not any(all((directory / name).is_file() for name in form) for form in TOKENIZER_FORMS):
+        raise LayermoeError(f"{directory} has no tokenizer (tokenizer.json, tokenizer.model, or vocab.json with "
+                            "merges.txt): copy the model's tokenizer files there")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json"):
+        path = directory / name
+        if path.is_file():
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                reason = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else str(e)
+                raise LayermoeError(f"{path} is not valid JSON ({reason}): copy the model's tokenizer files again") from None
+    load_tokenizer(directory)
+
+
+def load_tokenizer(where: str | Path, **kwargs):
+    """AutoTokenizer.from_pretrained, with a tokenizer that does not load as one line naming the folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(where, **kwargs)
+    except LayermoeError:
+        raise
+    except Exception as e:  # a library's many ways to fail on a broken tokenizer file
+        if not Path(str(where)).is_dir():
+            raise  # a hub id: the hub's errors are reported by the caller
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LayermoeError(f"the tokenizer in {where} does not load ({type(e).__name__}: {reason}): "
+                            "copy the model's tokenizer files again") from None
+
+
+def _check_weight_shapes(directory: Path, config: dict, files: list[Path]) -> None:
+    """Every tensor of the safetensors files has the shape the config gives it (a model built on the meta device)."""
+    if not files:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        transformers_config = AutoConfig.from_pretrained(directory)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(transformers_config)
+    except Exception as e:  # the values of config.json do not make a model
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LayermoeError(f"{directory / 'config.json'} does not describe a model ({type(e).__name__}: {reason})") from None
+    expected = {name: list(t.shape) for name, t in skeleton.state_dict().items()}
+    described = ", ".join(f"{k} {config[k]}" for k in CONFIG_KEYS if k in config)
+    found: set[str] = set()
+    for path in files:
+        for name, shape in safetensors_shapes(path).items():
+            found.add(name)
+            want = expected.get(name)
+            if want is not None and want != shape:
+                raise LayermoeError(f"{path}: {name} is {shape}, but config.json ({described}) needs {want}: "
+                                    "the config and the weights are of different models")
+    tied = getattr(transformers_config, "tie_word_embeddings", False)
+    missing = [n for n in expected if n not in found and not (tied and n.startswith("lm_head."))]
+    if found and missing:
+        raise LayermoeError(f"{directory} has no tensor {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}"
+                            f", which config.json ({described}) needs: the config and the weights are of different models")
+
+
 def _load_pretrained(where: str | Path, model_type: str, dtype, **kwargs):
     """(model, tokenizer) from a checkpoint directory or hub id whose config was already checked."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
 
     if model_type == EXPANDED_MODEL_TYPE:
 
         register_auto_classes()
     if Path(where).is_dir():
-        check_readable_weights(where)
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        check_model_folder(where, tokenizer=False)
+    tokenizer = load_tokenizer(where, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **model_loading_options(), **kwargs)
     return model, tokenizer
 

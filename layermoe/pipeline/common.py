@@ -61,7 +61,7 @@ def load_base(workdir: Workdir, manifest: Manifest, device: str = "cpu", dtype=N
         files = {}  # a hub snapshot: its files are the hub's business (nothing recorded)
     if files:
         check_sha256(files, base.sha256, base.tensor_sha256, shown="the base model's",
-                     fix="restore the weights this work dir was made from")
+                     fix="restore the files this work dir was made from")
     return load_model(source, device=device, dtype=dtype or torch.float32, cache_dir=workdir.cache_dir / "models")
 
 

@@ -132,6 +132,9 @@ def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
     num_fewshot, limit, device, as_json = options.num_fewshot, options.limit, options.device, options.as_json
     force, include_path, data, text_field = options.force, options.tasks_path, options.data, options.text_field
     dtype, batch_size = options.dtype, options.batch_size
+    if "langs" in options.model_fields_set and not langs:
+        raise LayermoeError("--langs is empty: give comma-separated languages, e.g. --langs el,hu (or leave it out to "
+                            "measure every language)")
     known = manifest.generation_of_language()
     languages = list(langs) or [lang for lang in known if known[lang] <= generation.index]
     unknown = [lang for lang in languages if lang not in known]

@@ -22,7 +22,7 @@ from layermoe.core.devices import dtype_name, resolve_device, resolve_dtype, tor
 from layermoe.core.errors import LayermoeError
 from layermoe.core.manifest import Manifest
 from layermoe.core.workdir import Workdir
-from layermoe.modeling.base import load_model, resolve_model_spec
+from layermoe.modeling.base import folder_position_limit, load_model, load_tokenizer, resolve_model_spec
 from layermoe.modeling.generation import continue_text, continue_texts
 from layermoe.pipeline.common import latest_checkpoint, texts_for
 from layermoe.pipeline.eval_cache import ModelUnderTest
@@ -74,6 +74,25 @@ def model_choice(workdir: Workdir, manifest: Manifest | None, choice: str, dtype
     raise LayermoeError(f"--model {choice}: not {MODEL_CHOICES}")
 
 
+def check_prompt_fits(model: ModelUnderTest, prompt: str, max_new_tokens: int) -> None:
+    """Refuse, before anything is loaded or printed, a prompt and continuation longer than a model folder's positions.
+
+    (A GGUF model's limit is known once it is converted: it is not checked here.)
+    """
+    if model.source.kind != "local":
+        return
+    limit = folder_position_limit(model.source.path)
+    if limit is None:
+        return
+    if max_new_tokens >= limit:
+        raise LayermoeError(f"--max-new-tokens {max_new_tokens:,} leaves no room for the prompt in the {limit:,} positions "
+                            f"of {model.label}: give --max-new-tokens {limit - 1:,} or less")
+    tokens = len(load_tokenizer(model.source.path)(prompt)["input_ids"])
+    if tokens + max_new_tokens > limit:
+        raise LayermoeError(f"the prompt ({tokens:,} tokens) and --max-new-tokens {max_new_tokens:,} are more than the "
+                            f"{limit:,} positions of {model.label}: shorten the prompt or lower --max-new-tokens")
+
+
 def run_generate(workdir: Workdir, options: GenerateOptions) -> None:
     """`layermoe generate`: dtype is the models' weights (auto: bfloat16 on CUDA, float32 on CPU)."""
     prompt, model, compare, device, dtype = options.prompt, options.model, options.compare, options.device, options.dtype
@@ -85,6 +104,8 @@ def run_generate(workdir: Workdir, options: GenerateOptions) -> None:
     dtype = dtype_name(resolve_dtype(dtype, device))
     manifest = workdir.load() if workdir.has_manifest() else None
     models = ([model_choice(workdir, manifest, compare, dtype)] if compare else []) + [model_choice(workdir, manifest, model, dtype)]
+    for choice in models:
+        check_prompt_fits(choice, prompt, max_new_tokens)
     how = "greedy" if temperature == 0 else f"sampled (temperature {temperature}, top-p {top_p}, seed {seed})"
     err_console.print(f"[dim]{how}, up to {max_new_tokens} new tokens, KV cache, {dtype} weights[/]", highlight=False)
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

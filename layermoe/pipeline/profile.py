@@ -18,10 +18,11 @@ from layermoe.data import describe_source, load_texts, parse_data_args
 from layermoe.data.languages import validate_language_group
 from layermoe.modeling.base import (
     _read_config_json,
+    check_model_folder,
     check_supported,
     gguf_architecture,
+    model_files_sha256,
     resolve_model_spec,
-    weights_sha256,
 )
 from layermoe.pipeline.common import documents_for_tokens, load_generation_model, texts_for
 from layermoe.pipeline.options import ProfileOptions
@@ -77,6 +78,8 @@ def new_manifest(workdir: Workdir, model: str | None, old: list[str], new: list[
     _check_disjoint(old, new)
     source = resolve_model_spec(model)
     check_supported({"model_type": peek_model_type(source)} if source.kind != "hub" else {"model_type": "llama"})
+    if source.kind == "local":
+        check_model_folder(source.path)  # up front: the data is read and the model loaded only later
     kind = "demo" if model == "demo" else source.kind
     stored_path = None if kind in ("hub", "demo") else workdir.rel(source.path / source.gguf_file if kind == "gguf" else source.path)
     base = BaseModelRecord(
@@ -88,7 +91,7 @@ def new_manifest(workdir: Workdir, model: str | None, old: list[str], new: list[
         revision=source.revision,
         gguf_file=source.gguf_file,
         tensor_sha256=_base_tensor_digests(source),  # first: it leaves the files' sha256 memoised for the next line
-        sha256=weights_sha256(source) if kind != "hub" else {},
+        sha256=model_files_sha256(source) if kind != "hub" else {},
     )
     return Manifest(
         base_model=base,

@@ -122,8 +122,12 @@ def load_recipe(spec: str | Path) -> Recipe:
     path = find_recipe(spec)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise LayermoeError(f"recipe {path} is not a text file (byte {e.start:,} is not UTF-8): pass a YAML file") from None
     except yaml.YAMLError as e:
         raise LayermoeError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        raise LayermoeError(f"recipe {path} is empty: see `layermoe recipes` for recipes to start from")
     if isinstance(data, dict):
         _check_sections(path, data)
     try:

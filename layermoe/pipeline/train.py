@@ -18,9 +18,11 @@ from layermoe.core.errors import LayermoeError
 from layermoe.core.manifest import Generation, Manifest, StepStatus
 from layermoe.core.workdir import StepAlreadyDone, Workdir, require_done, run_step, session
 from layermoe.data import wait_for_prepared
+from layermoe.modeling.base import folder_position_limit
 from layermoe.pipeline.common import record_checkpoint, verify_checkpoint
 from layermoe.pipeline.options import TrainOptions
 from layermoe.pipeline.prepare import ensure_prepared, prepared_root, stage_key, stage_tokenizer, with_prepared_settings
+from layermoe.training.checkpoint import verify_latest
 from layermoe.training.config import load_train_config
 from layermoe.training.distributed import check_settings, launched_world_size
 from layermoe.training.loop import train_stage
@@ -68,9 +70,13 @@ def train_generation(workdir: Workdir, manifest: Manifest, generation: Generatio
     if record.status == StepStatus.done and not force:
         raise StepAlreadyDone(f"{label} is done already (use --force to redo it)")
     _verify_source(workdir, manifest, generation, stage)  # before --force clears anything
+    _check_seq_len(workdir, generation, stage, config)  # before the data is prepared
     # the prepared data's settings; a global batch's accumulation for this launch (recorded as used)
     config = with_prepared_settings(generation, stage, config).for_world_size(launched_world_size())
     prepared_dir, fresh = ensure_prepared(workdir, manifest, generation, stage, config, num_proc=num_proc)
+
+    if record.status == StepStatus.running and not (force or fresh):  # it will resume: check before saying so
+        verify_latest(_run_dir(workdir, generation, stage) / "checkpoints")
 
     def stale(previous):
         err_console.print(f"stage {stage} of G{generation.index} was left running by pid {previous.pid} on {previous.host}: "
@@ -99,6 +105,18 @@ def _source(generation: Generation, stage: int) -> str:
 
 def _verify_source(workdir: Workdir, manifest: Manifest, generation: Generation, stage: int) -> None:
     verify_checkpoint(workdir, manifest, _source(generation, stage))
+
+
+def _check_seq_len(workdir: Workdir, generation: Generation, stage: int, config) -> None:
+    """Refuse a sequence longer than the positions of the model the stage trains."""
+    source = _source(generation, stage)
+    limit = folder_position_limit(workdir.resolve(source))
+    if limit is None or config.seq_len <= limit:
+        return
+    given = "seq_len" in config.model_fields_set
+    what = f"--seq-len {config.seq_len:,}" if given else f"the stage {stage} default sequence length {config.seq_len:,}"
+    raise LayermoeError(f"{what} is more than the {limit:,} positions of {source} (its max_position_embeddings, RoPE "
+                        f"scaling included): give --seq-len {limit:,} or less")
 
 
 def _output_dir(workdir: Workdir, generation: Generation, stage: int) -> Path:

@@ -196,6 +196,19 @@ def verify_checkpoint_files(directory: Path, state: dict) -> None:
                 fix=f"delete {directory} to resume from an earlier checkpoint, or redo the stage with --force")
 
 
+def verify_latest(root: Path) -> None:
+    """Refuse now (one line) the checkpoint a resumed run would start from, if its files changed or its state is unreadable."""
+    last = latest_checkpoint(root)
+    if last is None:
+        return
+    try:
+        state = read_json(last / "state.json")
+    except (OSError, ValueError) as e:
+        raise LayermoeError(f"{last / 'state.json'} cannot be read ({type(e).__name__}): delete {last} to resume from "
+                            "an earlier checkpoint, or redo the stage with --force") from None
+    verify_checkpoint_files(last, state)
+
+
 def write_json(path: Path, payload: dict) -> None:
     Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

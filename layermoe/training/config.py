@@ -126,9 +126,15 @@ def read_recipe_settings(recipe: str | Path) -> dict:
     if not path.is_file():
         raise LayermoeError(f"training recipe not found: {path}; pass an existing YAML file")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise LayermoeError(f"training recipe {path} is not a text file (byte {e.start:,} is not UTF-8): "
+                            "pass a YAML file") from None
     except yaml.YAMLError as e:
         raise LayermoeError(f"training recipe {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if loaded is None:
+        raise LayermoeError(f"training recipe {path} is empty: write TrainConfig fields in it (e.g. max_steps: 1000), "
+                            "or leave --recipe out")
     if not isinstance(loaded, dict):
         raise LayermoeError(f"training recipe {path} must be a YAML mapping of TrainConfig fields")
     return loaded
