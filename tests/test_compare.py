@@ -281,6 +281,9 @@ def test_a_vocabulary_variant_is_measured_on_the_same_text(tmp_path):
         sum(evals["layermoe-vocab"]["bytes"][x] for x in ("el", "hu")) / sum(evals["layermoe-vocab"]["tokens"][x] for x in ("el", "hu")))
     assert vocab["new_bytes_per_token"] > table["variants"][0]["new_bytes_per_token"] == pytest.approx(
         table["base"]["new_bytes_per_token"])
+    config = json.loads((tiny / "config.json").read_text())
+    rows_trained = 30 * config["hidden_size"] * (1 if config.get("tie_word_embeddings") else 2)
+    assert vocab["trainable_parameters"] == table["variants"][0]["trainable_parameters"] + rows_trained
     for row in table["variants"]:
         assert row["train_bytes_per_second"] > 0 and row["generation_characters_per_second"] > 0
         generated = evals[row["variant"]]["generation"]

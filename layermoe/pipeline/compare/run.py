@@ -351,6 +351,10 @@ def _parameter_counts(model) -> dict:
     sizes = dict((n, p.numel()) for n, p in model.named_parameters())
     groups = parameter_groups(model)
     trained = sum(sizes[n] for g in ("experts_g1", "router", "classifier") for n in groups.get(g, []))
+    vocab_sizes = getattr(model.config, "vocab_sizes", None)
+    if vocab_sizes:  # stage 1 also trains the new embedding rows (input, and output when lm_head is untied)
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        trained += (vocab_sizes[-1] - vocab_sizes[0]) * model.config.hidden_size * (1 if tied else 2)
     return {"total_parameters": total, "trained_parameters": trained}
 
 
