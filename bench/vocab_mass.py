@@ -69,9 +69,11 @@ def main() -> None:
             texts = texts_for(workdir, generation, lang, "heldout", limit=documents_for_tokens(args.max_tokens))
             figures = new_token_mass(model, tokenizer, texts, new_ids, args.max_tokens)
             results.setdefault(moment, {})[lang] = figures
-            kind = "old" if lang in generation.old_languages else "new"
-            print(f"{moment:>14} {lang} ({kind}): new-token mass {figures['mean_mass']:.4%} per position, "
-                  f"masking would gain {figures['masking_gain_bpb']:.4f} bits per byte")
+            if lang in generation.old_languages:
+                print(f"{moment:>14} {lang} (old): new-token mass {figures['mean_mass']:.4%} per position, "
+                      f"masking it would gain {figures['masking_gain_bpb']:.4f} bits per byte")
+            else:  # where the new tokens belong: the mass is wanted there, no mask applies
+                print(f"{moment:>14} {lang} (new): new-token mass {figures['mean_mass']:.2%} per position")
         del model
     print(json.dumps(results, indent=2))
     if not math.isfinite(sum(f["mean_mass"] for r in results.values() for f in r.values())):
