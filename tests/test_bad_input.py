@@ -9,10 +9,12 @@ the placeholders the row's arguments use (`{model}`, `{file}`, ...). The shared 
 once per module: a tiny model, a work dir where G1 is profiled, allocated and expanded, and, only
 for the rows that need one, a copy where stage 1 left resume checkpoints.
 
-Cases of earlier rounds that live elsewhere (each is one parametrized table there, same contract):
-test_pipeline.py (bad profile, allocate, extend, eval and generate input), test_prepare.py
-(bad data files), test_workdir.py (locks, permissions), test_integrity.py (changed or truncated
-weights), test_distributed.py (launch settings), test_cli.py (a missing or newer manifest).
+The earlier rounds' one-command cases are rows here too (moved from test_pipeline.py and
+test_cli.py). Cases that need more than one command, a second process or a check beyond the
+one line stay with their subject, under the same contract: test_pipeline.py (a full disk, a
+moved work dir's data), test_prepare.py (bad data files), test_workdir.py (locks, permissions),
+test_integrity.py (changed or truncated weights and checkpoints, --no-verify),
+test_distributed.py (launch settings), test_vocab_pipeline.py (--new-tokens).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def tiny(tmp_path_factory) -> Path:
 def expanded(tmp_path_factory, tiny) -> Path:
     """A work dir where profile, allocate and expand of G1 are done (read only: rows work on copies)."""
     workdir = tmp_path_factory.mktemp("runs") / "run"
-    for args in (["profile", "--model", str(tiny), "--old", "en", "--new", "el,hu", "--tokens", "800", "--neuron-top-n", "0"],
+    for args in (["profile", "--model", str(tiny), "--old", "en", "--new", "el,hu", "--tokens", "1500", "--neuron-top-n", "40"],
                  ["allocate", "--budget", "10", "--classifier-layers", "1"],
                  ["expand"]):
         result = layermoe(workdir, *args)
@@ -222,7 +224,62 @@ def write_file(name: str, content: bytes) -> Callable[[Env], dict]:
 def symlinked_workdir(env: Env) -> dict:
     link = env.tmp / "link"
     link.symlink_to(env.tmp / "nowhere" / "run")
-    return {"link": link, "tiny": env.tiny}
+    return {"link": link}
+
+
+def manifest_edit(change: Callable) -> Callable[[Env], dict]:
+    """Change the copied work dir's manifest (a dict of its JSON) before the command."""
+    def setup(env: Env) -> dict:
+        path = env.workdir / "manifest.json"
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+        return {}
+    return setup
+
+
+def _g1(data: dict) -> dict:
+    return data["generations"][1]
+
+
+def steps_pending(*steps: str) -> Callable[[Env], dict]:
+    def change(data: dict) -> None:
+        for step in steps:
+            _g1(data)[step]["status"] = "pending"
+    return manifest_edit(change)
+
+
+def layer_count_mismatch(data: dict) -> None:
+    _g1(data)["allocation"]["experts_per_layer"] = [2, 2, 2]
+
+
+def newer_schema(data: dict) -> None:
+    data["schema_version"] = 99
+
+
+def no_base_model(data: dict) -> None:
+    data["base_model"] = None
+
+
+def gpt2_model(env: Env) -> dict:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(env.tmp / "gpt2")
+    return {"model": env.tmp / "gpt2"}
+
+
+def recipe_with_unknown_option(env: Env) -> dict:
+    recipe = env.tmp / "recipe.yaml"
+    recipe.write_text(f"model: {env.tiny}\ngenerations:\n  - old: [en]\n    new: [el]\n    profile: {{tokenz: 300}}\n"
+                      "    allocate: {budget: 6}\n")
+    return {"file": recipe}
+
+
+def foreign_output_folder(env: Env) -> dict:
+    shutil.rmtree(env.workdir / "g1" / "expanded")
+    (env.workdir / "g1" / "expanded").mkdir()
+    (env.workdir / "g1" / "expanded" / "notes.txt").write_text("mine")
+    return {}
 
 
 # ------------------------------------------------------------------ the table
@@ -298,6 +355,94 @@ ROWS = [
     Row("generate-no-new-tokens", ["generate", "--prompt", "Hello", "--max-new-tokens", "0"],
         "--max-new-tokens must be at least 1, got 0", workdir="expanded"),
     Row("generate-empty-prompt", ["generate", "--prompt", ""], "--prompt is empty", workdir="expanded"),
+    # ---- earlier rounds (moved here from test_pipeline.py and test_cli.py) ----
+    Row("profile-unknown-language", ["profile", "--old", "en", "--new", "xx", "--model", "{tiny}"], "unknown language code 'xx'"),
+    Row("profile-old-and-new", ["profile", "--old", "en", "--new", "en", "--model", "{tiny}"], "is both old and new"),
+    Row("profile-no-new", ["profile", "--old", "en", "--model", "{tiny}"], "a new work dir needs --old and --new"),
+    Row("profile-data-missing", [*PROFILE, "{tiny}", "--data", "el=missing.txt"], "missing.txt"),
+    Row("profile-data-empty", [*PROFILE, "{tiny}", "--data", "el={file}"], "data for 'el': {file}",
+        setup=write_file("el.txt", b"\n\n")),
+    Row("profile-data-one-document", [*PROFILE, "{tiny}", "--data", "el={file}"],
+        "data for 'el': {file} has 1 document; layermoe holds some out for eval, so it needs at least 2",
+        setup=write_file("el.txt", b"only one document\n")),
+    Row("profile-data-one-huge-document", [*PROFILE, "{tiny}", "--data", "el={file}"],
+        "data for 'el': {file} has 1 document; layermoe holds some out for eval, so it needs at least 2",
+        setup=write_file("el.txt", b"x" * 7_000_000 + b"\n")),
+    Row("profile-unsupported-architecture", [*PROFILE, "{model}"],
+        "unsupported architecture 'gpt2': layermoe supports llama, qwen2, qwen3, mistral, gemma, gemma2", setup=gpt2_model),
+    Row("model-config-not-json", [*PROFILE, "{model}"], "cannot read {model}/config.json",
+        setup=write_into_model("config.json", b"{not json")),
+    Row("gguf-cut-in-header", [*PROFILE, "{file}"], "{file} is truncated or not a GGUF file",
+        setup=write_file("cut.gguf", b"GGUF\x03\x00\x00\x00\x01\x00")),
+    Row("run-recipe-unknown-option", ["run", "{file}"], "`generations.0.profile` has no option 'tokenz' (it takes ",
+        setup=recipe_with_unknown_option),
+    *[Row(f"allocate-{i}", ["allocate", "--force", *args], message, workdir="expanded") for i, (args, message) in enumerate([
+        (["--budget", "3"], "expert budget 3 is smaller than the 4 layers"),
+        (["--budget", "10", "--max-per-layer", "2"], "exceeds 4 layers x 2 experts per layer"),
+        (["--budget", "10", "--classifier-layers", "5"], "classifier layers k=5 is outside 0..4"),
+        (["--budget", "10", "--strategy", "best"], "unknown allocation strategy 'best'"),
+        (["--budget", "10", "--new-experts", "6"], "give exactly one of --budget"),
+        (["--strategy", "neuron", "--neuron-mapping", "linear", "--budget", "10"],
+         "the linear neuron mapping (the authors' formula) is not budget-bound"),
+        (["--budget", "10", "--min-experts", "2"], "--min-experts/--max-experts set the linear mapping"),
+        (["--budget", "10", "--strategy", "neuron", "--rounding", "ceil"], "the neuron strategy always rounds exactly"),
+        (["--strategy", "neuron", "--neuron-mapping", "linear", "--min-experts", "0"], "--min-experts must be at least 1"),
+    ])],
+    Row("allocate-layerwise-before-profile", ["allocate", "--budget", "10"],
+        "layerwise allocation needs the similarity profile of G1: run `layermoe profile` first", workdir="expanded",
+        setup=steps_pending("profile", "allocation", "expansion")),
+    Row("allocate-no-base-model", ["allocate", "--budget", "10", "--force"], "manifest.json records no base model",
+        workdir="expanded", setup=manifest_edit(no_base_model)),
+    Row("allocate-newer-manifest", ["allocate", "--budget", "6"], "schema version 99, newer than this layermoe",
+        workdir="expanded", setup=manifest_edit(newer_schema)),
+    Row("status-no-manifest", ["status"], "error: no layermoe manifest in"),
+    Row("expand-before-allocate", ["expand", "--force"],
+        "G1 has no allocation yet: run `layermoe allocate --budget N` first, or pass --budget to `expand`",
+        workdir="expanded", setup=steps_pending("allocation")),
+    Row("expand-layer-count-mismatch", ["expand", "--force"], "the allocation has 3 layers but the model has 4",
+        workdir="expanded", setup=manifest_edit(layer_count_mismatch)),
+    Row("expand-foreign-output-folder", ["expand", "--force"], "exists and is not a layermoe checkpoint", workdir="expanded",
+        setup=foreign_output_folder),
+    Row("train-before-expand", ["train", "--stage", "1"],
+        "expansion of G1 is not done yet (pending): run `layermoe expand` first", workdir="expanded",
+        setup=steps_pending("expansion")),
+    Row("train-stage-2-before-1", ["train", "--stage", "2"],
+        "stage 1 of G1 is not done yet (pending): run `layermoe train --stage 1` first", workdir="expanded"),
+    Row("train-stage-3", ["train", "--stage", "3"],
+        "--stage 3: there are two training stages, 1 (new experts learn the new languages) and 2", workdir="expanded"),
+    Row("train-recipe-not-yaml", ["train", "--stage", "1", "--recipe", "{file}"], "training recipe {file} is not valid YAML",
+        workdir="expanded", setup=write_file("train.yaml", b"max_steps: [1\n")),
+    *[Row(f"extend-{i}", ["extend", "--new", "bn", *args], message, workdir="expanded") for i, (args, message) in enumerate([
+        (["--budget", "6", "--router-init", "bogus"], "unknown --router-init 'bogus': use expert0, source, mean, zeros, normal or reinit"),
+        (["--budget", "2"], "expert budget 2 is smaller than the 4 layers"),
+        (["--budget", "6", "--drift-tokens", "0"], "--drift-tokens must be positive"),
+        (["--budget", "6", "--tokens", "0"], "--tokens must be positive"),
+        (["--budget", "6", "--strategy", "best"], "unknown allocation strategy 'best'"),
+        (["--budget", "6", "--expert-init", "best"], "unknown expert init 'best': use expert0 or routed"),
+        (["--budget", "6", "--strategy", "neuron", "--neuron-mapping", "linear"],
+         "the linear neuron mapping (the authors' formula) is not budget-bound: drop --budget/--new-experts"),
+        (["--budget", "6", "--min-experts", "2"], "--min-experts/--max-experts set the linear mapping"),
+    ])],
+    Row("eval-dtype", ["eval", "--dtype", "float16"], "unknown dtype 'float16': use auto, float32 or bfloat16", workdir="expanded"),
+    Row("eval-batch-size-0", ["eval", "--batch-size", "0"], "--batch-size 0: use a positive integer, auto or auto:N",
+        workdir="expanded"),
+    Row("eval-batch-size-emoji", ["eval", "--batch-size", "auto:x"], "--batch-size auto:x: use a positive integer, auto or auto:N",
+        workdir="expanded"),  # no emoji for :x:
+    Row("eval-batch-size-markup", ["eval", "--batch-size", "[red]"], "--batch-size [red]: use a positive integer, auto or auto:N",
+        workdir="expanded"),  # nor markup
+    Row("eval-data-unknown-language", ["eval", "--data", "xx={file}"],
+        "error: unknown language code 'xx': use an ISO 639-1 or 639-3 code such as el, hu, tur (optionally with a script, "
+        "e.g. zh-Hans)", workdir="expanded", setup=write_file("empty.txt", b"\n  \n")),
+    Row("eval-data-no-spec", ["eval", "--data", "el"], "error: bad --data 'el': write LANG=SPEC, e.g. el=greek.txt or hu=builtin",
+        workdir="expanded"),
+    Row("generate-dtype", ["generate", "--prompt", "Hello", "--dtype", "int8"],
+        "error: unknown dtype 'int8': use auto, float32 or bfloat16", workdir="expanded"),
+    Row("generate-no-such-generation", ["generate", "--prompt", "Hello", "--model", "g7"],
+        "error: --model g7: this work dir has no G7 (it has G0 to G1)", workdir="expanded"),
+    Row("generate-no-such-model", ["generate", "--prompt", "Hello", "--model", "nowhere"],
+        "error: --model nowhere: not base, current, gN (g0 = base) or a model folder / .gguf file", workdir="expanded"),
+    Row("generate-blank-prompt", ["generate", "--prompt", " "], "error: --prompt is empty: give the text to continue",
+        workdir="expanded"),
 ]
 
 
@@ -309,7 +454,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(row: Row, tmp_path, re
         workdir = tmp_path / "work" / "run"
         shutil.copytree(request.getfixturevalue(row.workdir), workdir, symlinks=True)
     env = Env(tmp_path, workdir, tiny)
-    values = {k: str(v) for k, v in row.setup(env).items()}
+    values = {"tiny": str(tiny), **{k: str(v) for k, v in row.setup(env).items()}}
     args = [a.format(**values) for a in row.args]
     before = tree_hash(workdir)
     if args[0] == "-w":  # the row gives its own work dir
