@@ -3,6 +3,9 @@
     python requirements/lockfile.py write LOCK           # `make lock`: this venv's packages become the lock
     python requirements/lockfile.py check LOCK           # `make setup`: every locked package at its version
     python requirements/lockfile.py check --exact LOCK   # CI: that, and nothing else installed
+    python requirements/lockfile.py lower-bounds pyproject.toml --held torch
+                                                         # CI's lowest leg: each direct dependency
+                                                         # at its declared lower bound
 
 Each runs on the venv of the Python that runs it (`.venv/bin/python requirements/lockfile.py ...`).
 `check` also runs `pip check`. It fails in one line naming what differs, exit code 1; without
@@ -137,13 +140,62 @@ def _name(pin: str) -> str:
     return pin.split("==", 1)[0]
 
 
+def lower_bound_misses(requirements: list[str], versions: dict[str, str | None], held: set[str]) -> list[str]:
+    """Direct dependencies whose installed version is not their declared `>=` bound (held ones aside)."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    misses = []
+    for line in requirements:
+        requirement = Requirement(line)
+        name = normalize(requirement.name)
+        bound = next((s.version for s in requirement.specifier if s.operator == ">="), None)
+        if bound is None or name in held:
+            continue
+        found = versions.get(name)
+        if found is None:
+            misses.append(f"{name} not installed (declared >={bound})")
+        elif Version(Version(found).base_version) != Version(bound):
+            misses.append(f"{name} {found} installed, declared >={bound}")
+    return misses
+
+
+def lower_bounds(pyproject: Path, held: set[str]) -> int:
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, version
+
+    project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+    extras = project.get("optional-dependencies", {})
+    requirements = list(project["dependencies"]) + [r for group in ("dev", "eval") for r in extras.get(group, [])]
+
+    def installed_version(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    from packaging.requirements import Requirement
+
+    versions = {normalize(Requirement(r).name): installed_version(Requirement(r).name) for r in requirements}
+    misses = lower_bound_misses(requirements, versions, {normalize(h) for h in held})
+    if misses:
+        raise LockError(f"not at the declared lower bound, so that bound is untested: {'; '.join(misses)} "
+                        "(raise the bound in pyproject.toml to the version that passed)")
+    print(f"every direct dependency at its declared lower bound ({len(requirements)} checked; held: "
+          f"{', '.join(sorted(held)) or 'none'})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="requirements/lockfile.py", description=__doc__.splitlines()[0])
-    ap.add_argument("action", choices=("write", "check"))
-    ap.add_argument("lock", type=Path)
+    ap.add_argument("action", choices=("write", "check", "lower-bounds"))
+    ap.add_argument("lock", type=Path, help="the lock file (lower-bounds: pyproject.toml)")
     ap.add_argument("--exact", action="store_true", help="check: fail on packages the lock lacks too")
+    ap.add_argument("--held", action="append", default=[], help="lower-bounds: a package held at another version")
     args = ap.parse_args(argv)
     try:
+        if args.action == "lower-bounds":
+            return lower_bounds(args.lock, set(args.held))
         return write(args.lock) if args.action == "write" else check(args.lock, exact=args.exact)
     except LockError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -85,3 +85,11 @@ def test_check_fails_in_one_line_on_a_venv_that_is_not_the_lock(tmp_path):
     line = done.stderr.strip()
     assert "\n" not in line and line.startswith("error: this venv is not the locked set (2 differences): pytest==")
     assert " installed, pytest==0.0.1 locked; no-such-package-layermoe==1.0 missing (run `make setup`" in line
+
+
+def test_the_lowest_leg_fails_when_a_lower_bound_was_not_what_got_installed():
+    requirements = ["torch>=2.11", "rich>=13.7", "pyarrow>=18", "typer>=0.26", "eld"]
+    versions = {"torch": "2.13.0+cpu", "rich": "13.8.0", "pyarrow": "18.0.0", "typer": None, "eld": "1.0.6"}
+    assert lockfile.lower_bound_misses(requirements, versions, held={"torch"}) == [
+        "rich 13.8.0 installed, declared >=13.7", "typer not installed (declared >=0.26)"]
+    assert lockfile.lower_bound_misses(requirements[:3], {**versions, "rich": "13.7.0"}, held={"torch"}) == []
