@@ -2,8 +2,8 @@
 # Fill a folder (default .whl, git-ignored) with the wheels bench/gpu_suite.sh installs on a GPU
 # machine that has no network: the packages layermoe needs beyond what a CUDA image ships
 # (torch, transformers, accelerate, numpy, pyarrow, pandas, ... are there already).
-# Versions are the ones this checkout's .venv runs (so they are known to work together);
-# the target is the GPU image's Python (3.12, x86_64, manylinux).
+# Versions are the locked ones (requirements/lock.txt: what CI tested together); the target is
+# the GPU image's Python (3.12, x86_64, manylinux).
 #   bench/fetch_wheels.sh [DIR] [PYTHON_VERSION]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,11 +12,12 @@ pyver=${2:-3.12}
 packages="datasets dill multiprocess pydantic pydantic-core annotated-types typing-inspection langcodes eld gguf"
 pins=()
 for p in $packages; do
-    v=$(.venv/bin/python -m pip show "$p" 2>/dev/null | sed -n 's/^Version: //p')
+    # the lock spells names as pip freeze does (pydantic_core): compare them with - and _ alike
+    v=$(grep -iE "^${p//-/[-_]}==" requirements/lock.txt | head -1 | cut -d= -f3)
     pins+=("$p${v:+==$v}")
 done
 mkdir -p "$dest"
-.venv/bin/python -m pip download --quiet --dest "$dest" --no-deps --only-binary=:all: \
+"${PYTHON:-python3}" -m pip download --quiet --dest "$dest" --no-deps --only-binary=:all: \
     --python-version "$pyver" --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
     "${pins[@]}"

@@ -1,17 +1,21 @@
 """`layermoe env`: what a bug report needs, on one screen (as `transformers env` and `accelerate env`).
 
-The tested range of each package is the one layermoe declares (its installed metadata, the
-ranges pyproject.toml gives and CI runs on: the lowest and the newest they allow, and the lock).
+The tested range of each package is the one pyproject.toml declares (read directly in a source
+checkout, from the installed metadata otherwise): CI runs the suite on the lowest and the newest
+versions it allows, and on the lock (requirements/lock.txt) that `make setup` installs.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as metadata
 import platform
+import re
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from layermoe import __version__
@@ -29,18 +33,51 @@ class PackageLine:
 
 
 def declared_ranges(distribution: str = "layermoe") -> dict[str, str]:
-    """{package: specifier} of the distribution's requirements (extras included, markers ignored)."""
-    try:
-        requires = metadata.requires(distribution) or []
-    except metadata.PackageNotFoundError:
-        return {}
+    """{package: specifier} of layermoe's requirements (extras included, markers ignored).
+
+    One source of truth, pyproject.toml: a source checkout (an editable install, or the repository
+    on PYTHONPATH as on the GPU machine) reads it directly, so an edit counts at once; an installed
+    wheel reads the metadata built from it.
+    """
+    requires = source_requirements() if distribution == "layermoe" else None
+    if requires is None:
+        try:
+            requires = metadata.requires(distribution) or []
+        except metadata.PackageNotFoundError:
+            return {}
     ranges: dict[str, str] = {}
     for line in requires:
         requirement = Requirement(line)
-        name = requirement.name.lower()
+        name = canonicalize_name(requirement.name)
         if str(requirement.specifier) or name not in ranges:
             ranges[name] = str(requirement.specifier)
     return ranges
+
+
+def source_pyproject() -> Path | None:
+    """The pyproject.toml of the checkout this layermoe runs from; None for an installed wheel."""
+    candidate = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    try:
+        text = candidate.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return candidate if re.search(r'^name\s*=\s*"layermoe"\s*$', text, re.MULTILINE) else None
+
+
+def source_requirements(path: Path | None = None) -> list[str] | None:
+    """The requirement strings of pyproject.toml's [project] (dependencies, then every extra)."""
+    path = path or source_pyproject()
+    if path is None:
+        return None
+    text = path.read_text(encoding="utf-8")
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the dependencies array only (where torch and transformers are)
+        block = re.search(r"^dependencies\s*=\s*\[(.*?)^\]", text, re.MULTILINE | re.DOTALL)
+        return re.findall(r'^\s*"([^"]+)"', block.group(1), re.MULTILINE) if block else []
+    project = tomllib.loads(text).get("project", {})
+    extras = project.get("optional-dependencies", {})
+    return list(project.get("dependencies", [])) + [line for group in extras.values() for line in group]
 
 
 def installed_version(name: str) -> str | None:
@@ -51,7 +88,7 @@ def installed_version(name: str) -> str | None:
 
 
 def package_line(name: str, ranges: dict[str, str]) -> PackageLine:
-    version, tested = installed_version(name), ranges.get(name.lower()) or None
+    version, tested = installed_version(name), ranges.get(canonicalize_name(name)) or None
     in_range = None
     if version is not None and tested:
         try:
