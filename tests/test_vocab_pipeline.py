@@ -179,3 +179,15 @@ def test_an_unsupported_tokenizer_is_one_line(tmp_path):
     result = layermoe(workdir, "expand", "--new-tokens", "10", code=2)
     assert result.stderr.strip().startswith("error: --new-tokens: ") and "WordPiece" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and _tree(workdir) == before
+
+
+def test_the_extended_tokenizer_is_saved_clean_of_the_machine_and_the_run(extended):
+    """The extended tokenizer goes through the same clean save as the base one (issue 23, points 4-5)."""
+    for name in ("expanded", "stage1", "stage2"):
+        checkpoint = extended["workdir"] / "g1" / name
+        config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+        assert config["tokenizer_class"] == "TokenizersBackend"
+        assert not {"local_files_only", "is_local", "max_length", "stride", "truncation_strategy"} & set(config), name
+        found = json.loads((checkpoint / "tokenizer.json").read_text())
+        assert found["truncation"] is None and found["padding"] is None
+        assert json.loads((checkpoint / "config.json").read_text())["base_config"]["_name_or_path"] == "tiny"
