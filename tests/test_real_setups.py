@@ -89,3 +89,77 @@ def test_checkpoints_carry_no_local_path_and_the_tokenizer_loads_without_a_promp
         assert "loaded" in done.stdout
         assert "Do you wish to run the custom code" not in done.stdout + done.stderr
         assert "model of type" not in done.stderr  # transformers' warning about a model type ''
+
+
+# ---------------------------------------------------------------- point 1: several nodes
+
+
+def _launch_node(rank: int, workdir: Path, port: int, *args: str) -> subprocess.Popen:
+    """One "node" of a two-node launch on this machine: its own accelerate launch of one process."""
+    from test_training import REPO, _env
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "layermoe/recipes/accelerate/cpu_ddp_2proc.yaml"), "--num_machines", "2", "--num_processes", "2",
+           "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+           "-m", "layermoe", "-w", str(workdir), "train", "--stage", "1", *args]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workdir.parent)
+
+
+def _two_nodes(workdirs: tuple[Path, Path], *args: str, timeout: float = 300) -> list[tuple[int, str]]:
+    from test_training import _free_port
+
+    port = _free_port()
+    nodes = [_launch_node(rank, workdir, port, *args) for rank, workdir in enumerate(workdirs)]
+    done = []
+    try:
+        for node in nodes:
+            _, err = node.communicate(timeout=timeout)
+            done.append((node.returncode, err))
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    return done
+
+
+NODE_TRAIN = ["--max-steps", "4", "--seq-len", "32", "--micro-batch", "2", "--checkpoint-every", "2", "--report-to", "none"]
+
+
+def test_two_nodes_without_a_shared_work_dir_stop_before_the_first_step_in_one_line(expanded, tmp_path):
+    """Each node has its own copy of the work dir (no shared file system): both stop at launch with the
+    same line, before step 1 (it crashed at the first checkpoint), and node 0's manifest is unchanged."""
+    from layermoe.core.manifest import StepStatus
+    from layermoe.core.workdir import Workdir
+
+    workdirs = (tmp_path / "node0" / "run", tmp_path / "node1" / "run")
+    for workdir in workdirs:
+        workdir.parent.mkdir()
+        shutil.copytree(expanded, workdir)
+    results = _two_nodes(workdirs, *NODE_TRAIN, "--force")
+    for rank, (code, err) in enumerate(results):
+        assert code != 0, err[-3000:]
+        ours = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(ours) == 1, err[-3000:]
+        assert ours[0].startswith("error: the work dir is not shared by every node: rank 1 (host "), ours[0]
+        assert "needs the work dir on a file system every node mounts at the same path" in ours[0]
+        assert "stage training: step" not in err  # stopped before the first step
+    for workdir in workdirs:
+        assert not (workdir / "g1" / "stage1-run" / "checkpoints").exists()
+        assert Workdir(workdir).load().generations[1].stage1.status == StepStatus.pending
+        assert not list((workdir / "g1" / "stage1-run").glob(".shared-check-*"))
+
+
+def test_two_nodes_on_one_shared_work_dir_train_and_force_means_the_same_on_both(expanded, tmp_path):
+    from layermoe.core.manifest import StepStatus
+    from layermoe.core.workdir import Workdir
+
+    workdir = copy_of(expanded, tmp_path)
+    results = _two_nodes((workdir, workdir), *NODE_TRAIN)
+    assert all(code == 0 for code, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    record = Workdir(workdir).load().generations[1].stage1
+    assert record.status == StepStatus.done and record.metrics["distributed"]["processes"] == 2
+    assert [p.name for p in (workdir / "g1" / "stage1-run" / "checkpoints").iterdir()] == ["step-000002"]
+    results = _two_nodes((workdir, workdir), *NODE_TRAIN, "--force")  # redone from scratch on both ranks
+    assert all(code == 0 for code, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    record = Workdir(workdir).load().generations[1].stage1
+    assert record.status == StepStatus.done and record.metrics["resumed_from_step"] is None
