@@ -163,3 +163,14 @@ def test_two_nodes_on_one_shared_work_dir_train_and_force_means_the_same_on_both
     assert all(code == 0 for code, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
     record = Workdir(workdir).load().generations[1].stage1
     assert record.status == StepStatus.done and record.metrics["resumed_from_step"] is None
+
+
+# ---------------------------------------------------------------- point 6: --log-every
+
+
+def test_log_every_is_a_flag_and_a_short_run_logs_every_step(expanded, tmp_path):
+    workdir = copy_of(expanded, tmp_path)
+    result = layermoe(workdir, "train", "--stage", "1", *TRAIN, "--log-every", "1")
+    assert result.exit_code == 0, result.output
+    lines = (workdir / "g1" / "stage1-run" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
