@@ -174,3 +174,20 @@ def test_log_every_is_a_flag_and_a_short_run_logs_every_step(expanded, tmp_path)
     assert result.exit_code == 0, result.output
     lines = (workdir / "g1" / "stage1-run" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+def test_test_set_names_are_never_truncated_in_the_eval_table():
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from layermoe.pipeline.evaluate import test_set_table
+
+    name = "flores200-devtest-greek-news-and-wikipedia"
+    result = SimpleNamespace(transfer=False, language="el", documents=1000, tokens=123456, bpb=1.2345)
+    record = SimpleNamespace(model="g1/stage2", test_sets={name: result})
+    manifest = SimpleNamespace(generation_of_language=lambda: {"el": 1},
+                               generations=[SimpleNamespace(eval=SimpleNamespace(test_sets={name: result}))])
+    console = Console(width=80, record=True)
+    console.print(test_set_table(manifest, record))
+    assert name in console.export_text()
