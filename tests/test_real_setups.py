@@ -191,3 +191,25 @@ def test_test_set_names_are_never_truncated_in_the_eval_table():
     console = Console(width=80, record=True)
     console.print(test_set_table(manifest, record))
     assert name in console.export_text()
+
+
+# ---------------------------------------------------------------- point 2: mlflow
+
+
+def test_mlflow_writes_under_the_runs_logs_and_an_unusable_store_is_one_line(expanded, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    workdir = copy_of(expanded, tmp_path)
+    train = [a for a in TRAIN if a not in ("--report-to", "none")]
+    result = layermoe(workdir, "train", "--stage", "1", *train, "--report-to", "mlflow")
+    assert result.exit_code == 0, result.output
+    assert (workdir / "g1" / "stage1-run" / "logs" / "mlflow.db").is_file()
+    assert not (tmp_path / "mlflow.db").exists()
+    (tmp_path / "a-file").write_text("not a directory")
+    bad = f"sqlite:///{tmp_path}/a-file/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", bad)
+    result = layermoe(workdir, "train", "--stage", "1", *train, "--report-to", "mlflow", "--force")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: --report-to mlflow: the tracking store {bad} cannot be used")

@@ -107,6 +107,8 @@ def make_accelerator(config, run_dir=None):
         InitProcessGroupKwargs(timeout=timedelta(minutes=config.process_group_timeout_minutes)),
     ]
     trackers = resolve_trackers(config.report_to)
+    if "mlflow" in trackers and run_dir is not None:
+        use_mlflow_store(Path(run_dir) / "logs")
     # A recipe or `compare` trains several stages, of different precision, in one process.
     reset_accelerate_state()
     accelerator = Accelerator(
@@ -127,6 +129,29 @@ def make_accelerator(config, run_dir=None):
     if plugin is not None:  # no DataLoader goes through prepare(): DeepSpeed needs the micro-batch size
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.micro_batch_size
     return accelerator
+
+
+def use_mlflow_store(logs_dir: Path) -> str:
+    """The mlflow store of a run: MLFLOW_TRACKING_URI when set, else a sqlite file under the run's logs
+    (mlflow 3's default is ./mlflow.db in the current directory). Refused in one line, before training,
+    when it cannot be opened."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    given = bool(uri)
+    if not given:
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{(logs_dir / 'mlflow.db').absolute()}"
+    mlflow.set_tracking_uri(uri)
+    if given or int(os.environ.get("RANK", "0")) == 0:  # the default file: created by rank 0 alone
+        try:
+            mlflow.search_experiments(max_results=1)
+        except Exception as e:  # any store error: an unusable store, one line
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise LayermoeError(f"--report-to mlflow: the tracking store {uri} cannot be used ({reason}): set "
+                                "MLFLOW_TRACKING_URI to a working store, or unset it for a file under the run's logs"
+                                ) from None
+    return uri
 
 
 def _fsdp_on_cpu(accelerator) -> None:
