@@ -197,3 +197,15 @@ def test_expand_again_with_another_vocabulary_invalidates_what_was_built_on_it(e
     layermoe(workdir, "train", "--stage", "1", *STAGE)  # re-prepared with the new tokenizer, not the old cache
     meta_dir = json.loads((workdir / "manifest.json").read_text())["generations"][1]["prepare1"]["data_dir"]
     assert meta_dir != before["prepare1"]["data_dir"]
+
+
+def test_the_extended_tokenizer_is_saved_clean_of_the_machine_and_the_run(extended):
+    """The extended tokenizer goes through the same clean save as the base one (issue 23, points 4-5)."""
+    for name in ("expanded", "stage1", "stage2"):
+        checkpoint = extended["workdir"] / "g1" / name
+        config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+        assert config["tokenizer_class"] == "TokenizersBackend"
+        assert not {"local_files_only", "is_local", "max_length", "stride", "truncation_strategy"} & set(config), name
+        found = json.loads((checkpoint / "tokenizer.json").read_text())
+        assert found["truncation"] is None and found["padding"] is None
+        assert json.loads((checkpoint / "config.json").read_text())["base_config"]["_name_or_path"] == "tiny"

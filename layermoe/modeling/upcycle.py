@@ -24,6 +24,7 @@ from layermoe.modeling.modeling_layermoe import (
     LayermoeMoeBlock,
     decoder_layers,
 )
+from layermoe.vocabulary.files import save_clean_tokenizer
 
 ROUTER_INITS = ("expert0", "source", "mean", "zeros", "normal", "reinit")
 # The files a checkpoint carries so that it loads with trust_remote_code=True without layermoe:
@@ -76,6 +77,22 @@ def _router_std(config) -> float:
 def _seeded_normal(shape, std: float, seed: int, like: torch.Tensor) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=gen, dtype=torch.float32) * std).to(device=like.device, dtype=like.dtype)
+
+
+def public_model_name(name_or_path: str | None) -> str | None:
+    """The base model's name as a checkpoint may carry it: a hub id, never this machine's path.
+
+    A hub cache snapshot (`.../models--org--name/snapshots/<sha>`) gives `org/name`; another local
+    path gives its folder's name; a hub id is kept as it is."""
+    if not name_or_path:
+        return name_or_path
+    path = Path(name_or_path)
+    if not (path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()):
+        return name_or_path  # a hub id ("org/name")
+    for part in reversed(path.parts):
+        if part.startswith("models--"):
+            return part[len("models--"):].replace("--", "/")
+    return path.name or name_or_path
 
 
 def upcycle(
@@ -274,11 +291,13 @@ def save_layermoe(model: LayermoeForCausalLM, out_dir, tokenizer=None) -> Path:
         "AutoModelForCausalLM": "modeling_layermoe.LayermoeForCausalLM",
     }
     model.config.architectures = ["LayermoeForCausalLM"]
+    if model.config.base_config.get("_name_or_path"):  # the base's name, not where this machine keeps it
+        model.config.base_config["_name_or_path"] = public_model_name(model.config.base_config["_name_or_path"])
     model.save_pretrained(out_dir, safe_serialization=True)
     for name, source in _SELF_CONTAINED_FILES.items():
         shutil.copyfile(source, out_dir / name)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+        save_clean_tokenizer(tokenizer, out_dir)
     return out_dir
 
 
@@ -301,4 +320,4 @@ def load_layermoe(directory, device=None, dtype=None) -> LayermoeForCausalLM:
     return model.eval()
 
 
-__all__ = ["ROUTER_INITS", "add_generation", "load_layermoe", "save_layermoe", "upcycle"]
+__all__ = ["ROUTER_INITS", "add_generation", "load_layermoe", "public_model_name", "save_layermoe", "upcycle"]

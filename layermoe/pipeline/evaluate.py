@@ -345,8 +345,12 @@ def test_set_table(manifest: Manifest, record: EvalRecord) -> Table:
     base = manifest.generations[0].eval.test_sets
     is_base = record is manifest.generations[0].eval
     table = Table(title=f"your test sets, bits per byte — {record.model} (lower is better)", title_justify="left")
+    longest = max((len(name) for name in record.test_sets), default=0)
     for column in ("test set", "generation", "documents", "tokens", "base bpb", "bpb", "Δ"):
-        table.add_column(column, justify="left" if column == "test set" else "right")
+        if column == "test set":  # never shortened to "…": a narrow terminal wraps the other columns instead
+            table.add_column(column, justify="left", no_wrap=True, min_width=max(longest, len(column)))
+        else:
+            table.add_column(column, justify="right")
     for name, result in sorted(record.test_sets.items()):
         before = base.get(name)
         table.add_row(name, "transfer" if result.transfer else f"G{known[result.language]}",

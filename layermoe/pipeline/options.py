@@ -99,7 +99,7 @@ class PrepareOptions(StepOptions):
 
 # The TrainConfig fields `train` takes as flags (a recipe sets any field).
 TRAIN_FLAGS = ("max_steps", "token_budget", "data.tokens_per_language", "learning_rate", "seq_len", "micro_batch_size",
-               "grad_accum_steps", "global_batch_sequences", "precision", "checkpoint_every", "seed", "report_to",
+               "grad_accum_steps", "global_batch_sequences", "precision", "checkpoint_every", "log_every", "seed", "report_to",
                "process_group_timeout_minutes")
 
 

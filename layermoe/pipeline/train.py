@@ -24,7 +24,7 @@ from layermoe.pipeline.options import TrainOptions
 from layermoe.pipeline.prepare import ensure_prepared, prepared_root, stage_key, stage_tokenizer, with_prepared_settings
 from layermoe.training.checkpoint import verify_latest
 from layermoe.training.config import load_train_config
-from layermoe.training.distributed import check_settings, launched_world_size
+from layermoe.training.distributed import check_settings, check_shared_at_launch, launched_world_size
 from layermoe.training.loop import train_stage
 
 
@@ -42,8 +42,8 @@ def run_train(workdir: Workdir, options: TrainOptions) -> None:
     if num_proc is not None and num_proc < 1:
         raise LayermoeError("--num-proc must be at least 1")
     check_settings(config)  # a launch or tracker that cannot work here: before preparing anything
+    check_shared_at_launch(workdir.root)  # several nodes: one work dir that all of them see, before any wait
     if _rank() != 0:
-
         manifest = workdir.load()
         generation = manifest.current
         if generation.step(f"stage{stage}").status == StepStatus.done and not force:

@@ -29,7 +29,7 @@ import torch
 from layermoe.core.errors import LayermoeError
 from layermoe.core.integrity import check_files, file_checksums
 from layermoe.core.workdir import fsync_path
-from layermoe.training.distributed import is_sharded
+from layermoe.training.distributed import broadcast_from_main, is_sharded
 
 COMPLETE = "COMPLETE"
 _PREFIX = "step-"
@@ -238,8 +238,12 @@ class ResumePoints:
         return is_sharded(self.accelerator)
 
     def resume(self) -> tuple[int, int, int | None]:
-        """(first step to run - 1, tokens seen, the step resumed from or None) from the newest checkpoint."""
-        last = latest_checkpoint(self.root)
+        """(first step to run - 1, tokens seen, the step resumed from or None) from the newest checkpoint.
+
+        Rank 0 picks it and every rank resumes from that one (a shared work dir: `check_shared_work_dir`)."""
+        found = latest_checkpoint(self.root) if self.accelerator.is_main_process else None
+        name = broadcast_from_main(self.accelerator, None if found is None else found.name)
+        last = None if name is None else self.root / name
         if last is None:
             return 0, 0, None
         state = read_json(last / "state.json")

@@ -54,7 +54,7 @@ class TrainConfig(StepOptions):
     max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
     checkpoint_every: int = option(500, "--checkpoint-every", ge=0, help="Optimizer steps between resumable checkpoints (0: none).")
     keep_checkpoints: int = Field(2, gt=0)
-    log_every: int = Field(10, gt=0)
+    log_every: int = option(10, "--log-every", gt=0, help="Optimizer steps per logged point (train_log.jsonl, trackers; the last step always).")
     gradient_checkpointing: bool = False
     report_to: str = option("auto", "--report-to", help="Experiment trackers: tensorboard, wandb, mlflow (comma-separated), all, none, or auto (tensorboard when installed). wandb offline: WANDB_MODE=offline.")
     # NCCL's default is 10 minutes; a rank 0 writing a large checkpoint can take longer.

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -104,6 +107,8 @@ def make_accelerator(config, run_dir=None):
         InitProcessGroupKwargs(timeout=timedelta(minutes=config.process_group_timeout_minutes)),
     ]
     trackers = resolve_trackers(config.report_to)
+    if "mlflow" in trackers and run_dir is not None:
+        use_mlflow_store(Path(run_dir) / "logs")
     # A recipe or `compare` trains several stages, of different precision, in one process.
     reset_accelerate_state()
     accelerator = Accelerator(
@@ -124,6 +129,29 @@ def make_accelerator(config, run_dir=None):
     if plugin is not None:  # no DataLoader goes through prepare(): DeepSpeed needs the micro-batch size
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.micro_batch_size
     return accelerator
+
+
+def use_mlflow_store(logs_dir: Path) -> str:
+    """The mlflow store of a run: MLFLOW_TRACKING_URI when set, else a sqlite file under the run's logs
+    (mlflow 3's default is ./mlflow.db in the current directory). Refused in one line, before training,
+    when it cannot be opened."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    given = bool(uri)
+    if not given:
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{(logs_dir / 'mlflow.db').absolute()}"
+    mlflow.set_tracking_uri(uri)
+    if given or int(os.environ.get("RANK", "0")) == 0:  # the default file: created by rank 0 alone
+        try:
+            mlflow.search_experiments(max_results=1)
+        except Exception as e:  # any store error: an unusable store, one line
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise LayermoeError(f"--report-to mlflow: the tracking store {uri} cannot be used ({reason}): set "
+                                "MLFLOW_TRACKING_URI to a working store, or unset it for a file under the run's logs"
+                                ) from None
+    return uri
 
 
 def _fsdp_on_cpu(accelerator) -> None:
@@ -156,6 +184,122 @@ def check_distributed(distributed_type, num_processes: int, world_size: int) -> 
             f"{getattr(distributed_type, 'value', distributed_type)} with {num_processes} process(es): the ranks would "
             "train separately into one folder; check distributed_type and use_cpu in the accelerate config"
         )
+
+
+def broadcast_from_main(accelerator, value):
+    """The main process's `value` on every process (one small collective; none when alone)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+SHARED_CHECK_PREFIX = ".shared-check-"
+
+
+def _look_for(token: Path, name: str, wait_s: float) -> bool:
+    """Whether `token` holds `name`, looked for up to `wait_s` (a network file system's caches)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if token.read_text(encoding="utf-8") == name:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
+def _write_token(directory: Path) -> tuple[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"{SHARED_CHECK_PREFIX}{uuid.uuid4().hex}"
+    token = directory / name
+    with open(token, "w", encoding="utf-8") as f:
+        f.write(name)
+        f.flush()
+        os.fsync(f.fileno())
+    return name, token
+
+
+def not_shared_error(views: list[tuple[int, str, bool]], directory: Path) -> LayermoeError | None:
+    """The one line every rank stops with when some rank did not see rank 0's token; None when all did."""
+    blind = [(rank, on) for rank, on, ok in views if not ok]
+    if not blind:
+        return None
+    main_host = next(on for rank, on, _ in views if rank == 0)
+    ranks = ", ".join(f"{rank} (host {on})" for rank, on in blind[:4]) + (" ..." if len(blind) > 4 else "")
+    return LayermoeError(
+        f"the work dir is not shared by every node: rank{'s' if len(blind) > 1 else ''} {ranks} cannot see the file "
+        f"rank 0 (host {main_host}) wrote in {directory}; training on several nodes needs the work dir on a file "
+        "system every node mounts at the same path (NFS, Lustre, ...): see README, \"Several nodes\"")
+
+
+def check_shared_work_dir(accelerator, work_dir, wait_s: float = 10.0) -> None:
+    """Several processes train into one work dir: every rank must see what rank 0 writes there.
+
+    The contract of a launch on several nodes: the work dir is on a file system every node mounts
+    at the same path (checkpoints, the trained model, the manifest are written once, by rank 0,
+    and every rank reads them). Rank 0 writes a token of this launch; each rank looks for it (for up
+    to `wait_s`, for a network file system's caches) and all of them stop with the same one line
+    when one does not see it, before the first step, instead of failing at the first checkpoint."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    work_dir = Path(work_dir)
+    name = token = None
+    if accelerator.is_main_process:
+        name, token = _write_token(work_dir)
+    name = broadcast_from_main(accelerator, name)
+    seen = _look_for(work_dir / name, name, wait_s)
+    views = gather_object([(accelerator.process_index, socket.gethostname(), seen)])
+    if token is not None:
+        token.unlink(missing_ok=True)
+    error = not_shared_error(views, work_dir)
+    if error is not None:
+        raise error
+
+
+def check_shared_at_launch(directory, wait_s: float = 10.0, timeout_s: float = 1800.0) -> None:
+    """`check_shared_work_dir` before any process group exists (a CLI step under `accelerate launch`),
+    through the launcher's own key-value store: a rank of a node that does not share the work dir
+    must not wait for files rank 0 writes elsewhere (the prepared data) while rank 0 waits for it.
+
+    Needs torchrun's agent store (accelerate launch, torchrun); elsewhere it does nothing (the check
+    after the process group starts still runs)."""
+    world = launched_world_size()
+    if world == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    from torch.distributed import TCPStore
+
+    rank = int(os.environ.get("RANK", "0"))
+    timeout = timedelta(seconds=timeout_s)
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout,
+                     wait_for_workers=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    key = f"layermoe/shared-check/{attempt}"
+    directory = Path(directory)
+    token = None
+    if rank == 0:
+        name, token = _write_token(directory)
+        store.set(f"{key}/token", name)
+    name = store.get(f"{key}/token").decode()
+    seen = _look_for(directory / name, name, wait_s)
+    store.set(f"{key}/seen/{rank}", f"{int(seen)} {socket.gethostname()}")
+    if rank == 0:
+        store.wait([f"{key}/seen/{r}" for r in range(world)], timeout)
+        views = []
+        for r in range(world):
+            ok, _, host = store.get(f"{key}/seen/{r}").decode().partition(" ")
+            views.append((r, host, ok == "1"))
+        token.unlink(missing_ok=True)
+        error = not_shared_error(views, directory)
+        store.set(f"{key}/verdict", "" if error is None else str(error))
+    verdict = store.get(f"{key}/verdict").decode()
+    if verdict:
+        raise LayermoeError(verdict)
 
 
 def is_sharded(accelerator) -> bool:

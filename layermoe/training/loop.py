@@ -34,7 +34,7 @@ from layermoe.core.errors import LayermoeError
 from layermoe.data import PackedData, block_indices
 from layermoe.training.checkpoint import ResumePoints
 from layermoe.training.config import TrainConfig
-from layermoe.training.distributed import launched_world_size, make_accelerator
+from layermoe.training.distributed import check_shared_work_dir, launched_world_size, make_accelerator
 from layermoe.training.losses import classifier_over_layers, load_balancing_over_layers, lpr_over_layers
 from layermoe.training.reporting import StageReporter, expert_slot_counts, load_fractions
 from layermoe.training.saving import verify_and_save
@@ -272,6 +272,7 @@ def train_stage(
     data = load_stage_data(model_dir, config, current_generation, work_dir, generation_of_language, prepared_dir,
                            texts_by_language, show_progress)
     accelerator = accelerator or make_accelerator(config, run_dir=work_dir)
+    check_shared_work_dir(accelerator, work_dir)  # several nodes: one work dir that all of them see
     main = accelerator.is_main_process
     set_seed(config.seed)
     stage = load_stage_model(model_dir, config, current_generation)

@@ -18,6 +18,7 @@ from layermoe.modeling import LayermoeConfig, LayermoeForCausalLM, save_layermoe
 from layermoe.training import checkpoint as ckpt
 from layermoe.training.distributed import is_sharded
 from layermoe.training.setup import StageModel, trainable_digest
+from layermoe.vocabulary.files import save_clean_tokenizer
 
 
 def checkpoint_tensors(model_dir: Path) -> Callable[[str], torch.Tensor]:
@@ -83,7 +84,7 @@ def verify_and_save(accelerator, model, stage: StageModel, model_dir: Path, outp
             final.gradient_checkpointing_disable()
         if stage.dense:
             final.save_pretrained(output_dir, safe_serialization=True)
-            tokenizer.save_pretrained(output_dir)
+            save_clean_tokenizer(tokenizer, output_dir)
         else:
             final.set_classifier_routing(stage_number == 2)
             save_layermoe(final, output_dir, tokenizer)

@@ -23,6 +23,7 @@ from layermoe.data import PackedData, PreparedData, Source, open_prepared, prepa
 from layermoe.modeling import load_layermoe, parameter_groups
 from layermoe.training import checkpoint as ckpt
 from layermoe.training.config import TrainConfig
+from layermoe.training.distributed import broadcast_from_main  # noqa: F401  (re-exported)
 
 DENSE_GROUPS = ["all"]  # what a dense full fine-tune trains
 
@@ -81,15 +82,6 @@ def trainable_digest(named: Sequence[tuple[str, torch.Tensor]]) -> str:
         h.update(name.encode())
         h.update(ckpt.tensor_sha256(t).encode())
     return h.hexdigest()
-
-
-def broadcast_from_main(accelerator, value):
-    """The main process's `value` on every process (one small collective; none when alone)."""
-    if accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value], from_process=0)[0]
 
 
 # ---------------------------------------------------------------- data

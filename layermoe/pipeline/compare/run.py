@@ -51,6 +51,7 @@ from layermoe.pipeline.options import AllocateOptions, CompareOptions
 from layermoe.pipeline.prepare import prepared_root, stage_sources
 from layermoe.pipeline.recipes import load_recipe
 from layermoe.training.loop import train_stage
+from layermoe.vocabulary.files import save_clean_tokenizer
 
 # ---------------------------------------------------------------- entry points
 
@@ -204,7 +205,7 @@ def _run_dense(out: Path, reference: Workdir, manifest: Manifest, config) -> dic
         staging = out / "base.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        save_clean_tokenizer(tokenizer, staging)
         staging.rename(base_dir)
         del model
     # Stage 1's data through the data package, in the reference work dir's cache: the LayerMoE

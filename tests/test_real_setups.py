@@ -1,0 +1,215 @@
+"""Real setups, as users run them (issue 23): clean checkpoints, trackers, several nodes, the eval table."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from layermoe.cli import app
+from layermoe.testing import make_tiny_model
+
+runner = CliRunner()
+TRAIN = ["--max-steps", "2", "--seq-len", "32", "--micro-batch", "2", "--report-to", "none"]
+
+
+def layermoe(workdir: Path, *args: str):
+    return runner.invoke(app, ["-w", str(workdir), *args], env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", "llama", num_layers=2, shared_direction=0.05)
+
+
+@pytest.fixture(scope="module")
+def expanded(tmp_path_factory, tiny) -> Path:
+    """A work dir where profile, allocate and expand of G1 are done."""
+    workdir = tmp_path_factory.mktemp("runs") / "run"
+    for args in (["profile", "--model", str(tiny), "--old", "en", "--new", "el", "--tokens", "400", "--neuron-top-n", "0"],
+                 ["allocate", "--budget", "4", "--classifier-layers", "1"], ["expand"]):
+        result = layermoe(workdir, *args)
+        assert result.exit_code == 0, result.output
+    return workdir
+
+
+def copy_of(expanded: Path, tmp_path: Path) -> Path:
+    workdir = tmp_path / "run"
+    shutil.copytree(expanded, workdir)
+    return workdir
+
+
+# ---------------------------------------------------------------- points 4 and 5: clean checkpoints
+
+
+def assert_clean_checkpoint(checkpoint: Path, tiny: Path) -> None:
+    """No path of this machine, no loading option, no run setting in what a checkpoint carries."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["base_config"]["_name_or_path"] == tiny.name  # the base's name, not where it lies here
+    tokenizer_config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    for key in ("local_files_only", "is_local", "max_length", "stride", "truncation_strategy", "pad_to_multiple_of"):
+        assert key not in tokenizer_config, (checkpoint.name, key)
+    tokenizer_json = json.loads((checkpoint / "tokenizer.json").read_text())
+    assert tokenizer_json["truncation"] is None and tokenizer_json["padding"] is None
+    for path in checkpoint.iterdir():
+        if path.suffix == ".json":
+            assert str(tiny.parent) not in path.read_text(), path.name
+
+
+LOAD = """
+import sys
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+path = sys.argv[1]
+remote = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+plain = PreTrainedTokenizerFast.from_pretrained(path)  # no remote code at all
+text = "Καλημέρα, good morning"
+assert remote(text)["input_ids"] == plain(text)["input_ids"]
+import layermoe.modeling  # noqa: E402,F401  (registers the model type: AutoTokenizer asks nothing)
+assert AutoTokenizer.from_pretrained(path)(text)["input_ids"] == plain(text)["input_ids"]
+print("loaded", type(remote).__name__)
+"""
+
+
+def test_checkpoints_carry_no_local_path_and_the_tokenizer_loads_without_a_prompt(expanded, tiny, tmp_path):
+    workdir = copy_of(expanded, tmp_path)
+    result = layermoe(workdir, "train", "--stage", "1", *TRAIN)
+    assert result.exit_code == 0, result.output
+    for name in ("expanded", "stage1"):
+        checkpoint = workdir / "g1" / name
+        assert_clean_checkpoint(checkpoint, tiny)
+        done = subprocess.run([sys.executable, "-c", LOAD, str(checkpoint)], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0, done.stderr
+        assert "loaded" in done.stdout
+        assert "Do you wish to run the custom code" not in done.stdout + done.stderr
+        assert "model of type" not in done.stderr  # transformers' warning about a model type ''
+
+
+# ---------------------------------------------------------------- point 1: several nodes
+
+
+def _launch_node(rank: int, workdir: Path, port: int, *args: str) -> subprocess.Popen:
+    """One "node" of a two-node launch on this machine: its own accelerate launch of one process."""
+    from test_training import REPO, _env
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "layermoe/recipes/accelerate/cpu_ddp_2proc.yaml"), "--num_machines", "2", "--num_processes", "2",
+           "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+           "-m", "layermoe", "-w", str(workdir), "train", "--stage", "1", *args]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workdir.parent)
+
+
+def _two_nodes(workdirs: tuple[Path, Path], *args: str, timeout: float = 300) -> list[tuple[int, str]]:
+    from test_training import _free_port
+
+    port = _free_port()
+    nodes = [_launch_node(rank, workdir, port, *args) for rank, workdir in enumerate(workdirs)]
+    done = []
+    try:
+        for node in nodes:
+            _, err = node.communicate(timeout=timeout)
+            done.append((node.returncode, err))
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    return done
+
+
+NODE_TRAIN = ["--max-steps", "4", "--seq-len", "32", "--micro-batch", "2", "--checkpoint-every", "2", "--report-to", "none"]
+
+
+def test_two_nodes_without_a_shared_work_dir_stop_before_the_first_step_in_one_line(expanded, tmp_path):
+    """Each node has its own copy of the work dir (no shared file system): both stop at launch with the
+    same line, before step 1 (it crashed at the first checkpoint), and node 0's manifest is unchanged."""
+    from layermoe.core.manifest import StepStatus
+    from layermoe.core.workdir import Workdir
+
+    workdirs = (tmp_path / "node0" / "run", tmp_path / "node1" / "run")
+    for workdir in workdirs:
+        workdir.parent.mkdir()
+        shutil.copytree(expanded, workdir)
+    results = _two_nodes(workdirs, *NODE_TRAIN, "--force")
+    for rank, (code, err) in enumerate(results):
+        assert code != 0, err[-3000:]
+        ours = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(ours) == 1, err[-3000:]
+        assert ours[0].startswith("error: the work dir is not shared by every node: rank 1 (host "), ours[0]
+        assert "needs the work dir on a file system every node mounts at the same path" in ours[0]
+        assert "stage training: step" not in err  # stopped before the first step
+    for workdir in workdirs:
+        assert not (workdir / "g1" / "stage1-run" / "checkpoints").exists()
+        assert Workdir(workdir).load().generations[1].stage1.status == StepStatus.pending
+        assert not list((workdir / "g1" / "stage1-run").glob(".shared-check-*"))
+
+
+def test_two_nodes_on_one_shared_work_dir_train_and_force_means_the_same_on_both(expanded, tmp_path):
+    from layermoe.core.manifest import StepStatus
+    from layermoe.core.workdir import Workdir
+
+    workdir = copy_of(expanded, tmp_path)
+    results = _two_nodes((workdir, workdir), *NODE_TRAIN)
+    assert all(code == 0 for code, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    record = Workdir(workdir).load().generations[1].stage1
+    assert record.status == StepStatus.done and record.metrics["distributed"]["processes"] == 2
+    assert [p.name for p in (workdir / "g1" / "stage1-run" / "checkpoints").iterdir()] == ["step-000002"]
+    results = _two_nodes((workdir, workdir), *NODE_TRAIN, "--force")  # redone from scratch on both ranks
+    assert all(code == 0 for code, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    record = Workdir(workdir).load().generations[1].stage1
+    assert record.status == StepStatus.done and record.metrics["resumed_from_step"] is None
+
+
+# ---------------------------------------------------------------- point 6: --log-every
+
+
+def test_log_every_is_a_flag_and_a_short_run_logs_every_step(expanded, tmp_path):
+    workdir = copy_of(expanded, tmp_path)
+    result = layermoe(workdir, "train", "--stage", "1", *TRAIN, "--log-every", "1")
+    assert result.exit_code == 0, result.output
+    lines = (workdir / "g1" / "stage1-run" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+def test_test_set_names_are_never_truncated_in_the_eval_table():
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from layermoe.pipeline.evaluate import test_set_table
+
+    name = "flores200-devtest-greek-news-and-wikipedia"
+    result = SimpleNamespace(transfer=False, language="el", documents=1000, tokens=123456, bpb=1.2345)
+    record = SimpleNamespace(model="g1/stage2", test_sets={name: result})
+    manifest = SimpleNamespace(generation_of_language=lambda: {"el": 1},
+                               generations=[SimpleNamespace(eval=SimpleNamespace(test_sets={name: result}))])
+    console = Console(width=80, record=True)
+    console.print(test_set_table(manifest, record))
+    assert name in console.export_text()
+
+
+# ---------------------------------------------------------------- point 2: mlflow
+
+
+def test_mlflow_writes_under_the_runs_logs_and_an_unusable_store_is_one_line(expanded, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    workdir = copy_of(expanded, tmp_path)
+    train = [a for a in TRAIN if a not in ("--report-to", "none")]
+    result = layermoe(workdir, "train", "--stage", "1", *train, "--report-to", "mlflow")
+    assert result.exit_code == 0, result.output
+    assert (workdir / "g1" / "stage1-run" / "logs" / "mlflow.db").is_file()
+    assert not (tmp_path / "mlflow.db").exists()
+    (tmp_path / "a-file").write_text("not a directory")
+    bad = f"sqlite:///{tmp_path}/a-file/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", bad)
+    result = layermoe(workdir, "train", "--stage", "1", *train, "--report-to", "mlflow", "--force")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: --report-to mlflow: the tracking store {bad} cannot be used")
