@@ -33,10 +33,10 @@ def test_env_json_is_the_installed_versions(monkeypatch):
     result = CliRunner().invoke(app, ["env", "--json"])
     assert result.exit_code == 0
     found = json.loads(result.stdout)
+    from importlib.metadata import version
+
     import torch
     import transformers
-
-    from importlib.metadata import version
 
     lines = {p["name"]: p for p in found["packages"]}
     # the distribution's version: PyPI's CUDA wheels say 2.11.0 where torch.__version__ says 2.11.0+cu130
