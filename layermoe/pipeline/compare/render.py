@@ -26,7 +26,7 @@ def bytes_per_token(figures: dict, languages: list[str]) -> float | None:
     return sum(figures["bytes"][x] for x in languages) / max(sum(figures["tokens"][x] for x in languages), 1)
 
 
-def _speeds(name: str, manifests: dict[str, Manifest], dense: dict | None, figures: dict, new: list[str]) -> dict:
+def _speeds(name: str, manifests: dict[str, Manifest], figures: dict, new: list[str]) -> dict:
     """A vocabulary comparison's speeds: stage 1's training text in bytes per second of its wall time
     (tokens seen × the new languages' bytes per token), and generated characters per second."""
     per_token = bytes_per_token(figures, new)
@@ -86,7 +86,7 @@ def summarise(manifests: dict[str, Manifest], variants: list[dict], dense: dict 
         if vocabulary:
             rows[-1].update(bytes_per_token={x: bytes_per_token(figures[name], [x]) for x in old + new},
                             new_bytes_per_token=bytes_per_token(figures[name], new),
-                            **_speeds(name, manifests, dense, figures[name], new))
+                            **_speeds(name, manifests, figures[name], new))
     base_row = {"total_parameters": base["total_parameters"], "old_avg": base_old, "new_avg": base_new, "bpb": base["bpb"]}
     if vocabulary:
         base_row.update(bytes_per_token={x: bytes_per_token(base, [x]) for x in old + new},

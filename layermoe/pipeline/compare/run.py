@@ -95,9 +95,9 @@ def run_compare(workdir: Workdir, recipe, budgets: list[int] | None = None) -> d
                          + (f", δ = {delta})" if delta is not None else ", linear mapping)"))
             manifests[variant["name"]] = _run_moe_variant(Workdir(root / variant["name"]), shared_cache, recipe,
                                                           generation_spec, allocate, variant.get("expand"))
-        reference_name = next(v["name"] for v in variants if "expand" not in v) if any(
-            "expand" not in v for v in variants) else variants[0]["name"]
-        reference = Workdir(root / reference_name)  # its manifest records the data every variant reads
+        # its manifest records the data every variant reads; a variant with the base tokenizer when there is one
+        reference_name = next((v["name"] for v in variants if "expand" not in v), variants[0]["name"])
+        reference = Workdir(root / reference_name)
         dense = None
         if wanted(spec, "dense"):
             console.rule(f"[bold]compare: {TITLES['dense']}")
