@@ -213,3 +213,73 @@ def test_mlflow_writes_under_the_runs_logs_and_an_unusable_store_is_one_line(exp
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: --report-to mlflow: the tracking store {bad} cannot be used")
+
+
+# ---------------------------------------------------------------- point 6: find_unused_parameters
+
+
+@pytest.mark.parametrize(("stage", "dense", "expected"), [(1, False, True), (2, False, False), (1, True, False)])
+def test_ddp_looks_for_unused_parameters_only_where_experts_train(monkeypatch, stage, dense, expected):
+    """Top-k routing can leave a training expert without a token (stage 1 of a MoE model); stage 2's routers and
+    classifiers see every token and a dense model uses every weight, so there DDP skips the extra autograd pass."""
+    from layermoe.training import distributed
+    from layermoe.training.config import TrainConfig
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr("accelerate.Accelerator", Recorder)
+    with pytest.raises(RuntimeError, match="stop here"):
+        distributed.make_accelerator(TrainConfig(stage=stage, report_to="none"),
+                                     find_unused_parameters=distributed.parameters_may_go_unused(stage, dense))
+    flags = [h.find_unused_parameters for h in seen["kwargs_handlers"] if hasattr(h, "find_unused_parameters")]
+    assert flags == [expected]
+
+
+def _launch_stage(tmp_path: Path, name: str, expanded: Path, stage: int, config_file: str, **config):
+    from test_training import GENS, REPO, _corpus, _env, _free_port, _small_config
+
+    train, _ = _corpus(40)
+    args = tmp_path / f"{name}.json"
+    args.write_text(json.dumps(dict(model_dir=str(expanded), output_dir=str(tmp_path / f"{name}_out"),
+                                    work_dir=str(tmp_path / f"{name}_work"), texts_by_language=train,
+                                    generation_of_language=GENS, current_generation=1,
+                                    config=_small_config(stage, **config).model_dump(mode="json"))))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config_file),
+           "--main_process_port", str(_free_port()), "-m", "layermoe.training.run_stage", "--args-json", str(args)]
+    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run, json.loads((tmp_path / f"{name}_work" / "train_result.json").read_text())
+
+
+def test_ddp_stage_2_has_no_unused_parameter_pass_and_21_experts_with_8_slots_still_train(tmp_path):
+    """Stage 2 under DDP: no warning that find_unused_parameters found nothing (it was on everywhere). Stage 1 of a
+    layer of 21 experts with 4 tokens x top-2 = 8 slots per rank per step (13 or more experts empty on every rank)
+    trains without a hang under DDP, the ranks ending with the same weights."""
+    from test_training import _expanded
+
+    expanded = _expanded(tmp_path, new_experts=(20, 1))
+    run, result = _launch_stage(tmp_path, "stage2", expanded, 2, "recipes/accelerate/cpu_ddp_2proc.yaml", max_steps=2,
+                                micro_batch_size=2)
+    assert "find_unused_parameters" not in run.stderr, run.stderr[-3000:]
+    digests = result["trainable_checksum_by_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    run, result = _launch_stage(tmp_path, "empty", expanded, 1, "recipes/accelerate/cpu_ddp_2proc.yaml", max_steps=3,
+                                micro_batch_size=1, seq_len=4)
+    digests = result["trainable_checksum_by_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert result["tokens_seen"] == 3 * 2 * 4
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_21_experts_with_8_slots_per_rank_without_a_hang(tmp_path):
+    from test_training import _expanded
+
+    expanded = _expanded(tmp_path, new_experts=(20, 1))
+    _, result = _launch_stage(tmp_path, "fsdp", expanded, 1, "recipes/accelerate/cpu_fsdp2_2proc.yaml", max_steps=3,
+                              micro_batch_size=1, seq_len=4)
+    assert result["tokens_seen"] == 3 * 2 * 4

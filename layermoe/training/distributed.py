@@ -91,10 +91,21 @@ def check_settings(config) -> None:
     config.for_world_size(launched_world_size())  # a global batch that the processes cannot split
 
 
-def make_accelerator(config, run_dir=None):
+def parameters_may_go_unused(stage: int, dense: bool) -> bool:
+    """Whether a step can leave a trainable parameter without a gradient, so DDP must look for such parameters
+    (an extra pass over the autograd graph every step, and a warning on every rank when it finds none).
+
+    Stage 1 of a MoE model: top-k routing can send no token of a micro-batch to an expert that trains.
+    Stage 2 trains the routers and classifiers, which every token passes through; a dense model uses every weight.
+    """
+    return stage == 1 and not dense
+
+
+def make_accelerator(config, run_dir=None, find_unused_parameters: bool = True):
     """The Accelerator of a stage, as the launch's config says; see the module docstring.
 
     Trackers write under `<run_dir>/logs/` (tensorboard, mlflow; wandb's offline files too).
+    `find_unused_parameters`: DDP's, from `parameters_may_go_unused` (on unless the caller knows better).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
@@ -102,8 +113,7 @@ def make_accelerator(config, run_dir=None):
     check_launch_environment()
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[resolve_precision(config.precision)]
     handlers = [
-        # Top-k routing leaves some experts without tokens in a micro-batch: DDP must allow unused params.
-        DistributedDataParallelKwargs(find_unused_parameters=True),
+        DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
         InitProcessGroupKwargs(timeout=timedelta(minutes=config.process_group_timeout_minutes)),
     ]
     trackers = resolve_trackers(config.report_to)

@@ -34,7 +34,12 @@ from layermoe.core.errors import LayermoeError
 from layermoe.data import PackedData, block_indices
 from layermoe.training.checkpoint import ResumePoints
 from layermoe.training.config import TrainConfig
-from layermoe.training.distributed import check_shared_work_dir, launched_world_size, make_accelerator
+from layermoe.training.distributed import (
+    check_shared_work_dir,
+    launched_world_size,
+    make_accelerator,
+    parameters_may_go_unused,
+)
 from layermoe.training.losses import classifier_over_layers, load_balancing_over_layers, lpr_over_layers
 from layermoe.training.reporting import StageReporter, expert_slot_counts, load_fractions
 from layermoe.training.saving import verify_and_save
@@ -44,6 +49,7 @@ from layermoe.training.setup import (
     StageModel,
     broadcast_from_main,
     freeze_for_stage,
+    is_layermoe_checkpoint,
     load_stage_data,
     load_stage_model,
     make_scheduler,
@@ -271,7 +277,9 @@ def train_stage(
     config = config.for_world_size(launched_world_size())  # a global batch in sequences: its accumulation
     data = load_stage_data(model_dir, config, current_generation, work_dir, generation_of_language, prepared_dir,
                            texts_by_language, show_progress)
-    accelerator = accelerator or make_accelerator(config, run_dir=work_dir)
+    dense = not is_layermoe_checkpoint(model_dir)
+    accelerator = accelerator or make_accelerator(
+        config, run_dir=work_dir, find_unused_parameters=parameters_may_go_unused(config.stage, dense))
     check_shared_work_dir(accelerator, work_dir)  # several nodes: one work dir that all of them see
     main = accelerator.is_main_process
     set_seed(config.seed)
