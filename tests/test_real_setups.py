@@ -283,3 +283,92 @@ def test_fsdp2_trains_21_experts_with_8_slots_per_rank_without_a_hang(tmp_path):
     _, result = _launch_stage(tmp_path, "fsdp", expanded, 1, "recipes/accelerate/cpu_fsdp2_2proc.yaml", max_steps=3,
                               micro_batch_size=1, seq_len=4)
     assert result["tokens_seen"] == 3 * 2 * 4
+
+
+# ---------------------------------------------------------------- point 6: an extend that stops after its profile
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, expanded) -> Path:
+    """G1 with stage 1 trained: what `extend` starts from."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    shutil.copytree(expanded, workdir)
+    result = layermoe(workdir, "train", "--stage", "1", *TRAIN)
+    assert result.exit_code == 0, result.output
+    return workdir
+
+
+def test_an_extend_stopped_by_its_measured_similarities_keeps_the_profile_and_train_says_so(trained, tmp_path,
+                                                                                              monkeypatch):
+    """S^i <= 0 is known only once the profile measured it: extend then stops in one line (exit 2), keeps G2's
+    profile (minutes on a real model) so that extend with another strategy starts at the allocation, and the next
+    `train` says that G2 did not open instead of 'stage 1 of G1 is done already' with exit 0."""
+    from layermoe.core.manifest import StepStatus
+    from layermoe.core.workdir import Workdir
+    from layermoe.pipeline import profile as profile_step
+
+    workdir = copy_of(trained, tmp_path)
+    real_scores, profiled = profile_step.layer_scores, []
+
+    def negative_layer_1(*args):
+        profiled.append(args)
+        return [0.5, -0.25]
+
+    monkeypatch.setattr(profile_step, "layer_scores", negative_layer_1)
+    extend = ["extend", "--new", "hu", "--budget", "4", "--classifier-layers", "1", "--tokens", "400"]
+    result = layermoe(workdir, *extend)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == ("error: layer 1 has similarity -0.25, but Eq. 10 needs every similarity > 0: profile with "
+                         "more tokens or another model, or use the uniform strategy (G2's profile is kept: "
+                         "`layermoe extend --new hu` with another --strategy starts at the allocation)"), lines[-1]
+    generation = Workdir(workdir).load().generations[2]
+    assert generation.profile.status == StepStatus.done and generation.allocation.status == StepStatus.failed
+    assert (workdir / "g2" / "profile.json").is_file()
+
+    result = layermoe(workdir, "train", "--stage", "1", *TRAIN)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: G2 (hu) did not open: `layermoe extend` stopped at its allocation (layer 1 has similarity -0.25, but "
+        "Eq. 10 needs every similarity > 0: profile with more tokens or another model, or use the uniform strategy): "
+        "run `layermoe extend --new hu` again")
+
+    monkeypatch.setattr(profile_step, "layer_scores", real_scores)
+    result = layermoe(workdir, *extend, "--strategy", "uniform")
+    assert result.exit_code == 0, result.output
+    assert len(profiled) == 1  # the kept profile, not measured again
+    generation = Workdir(workdir).load().generations[2]
+    assert generation.expansion.status == StepStatus.done and generation.profile.similarity == [0.5, -0.25]
+    result = layermoe(workdir, "train", "--stage", "1", *TRAIN)
+    assert result.exit_code == 0, result.output
+
+
+def test_an_extend_to_other_languages_replaces_a_generation_that_never_opened(trained, tmp_path, monkeypatch):
+    from layermoe.core.workdir import Workdir
+    from layermoe.pipeline import profile as profile_step
+
+    workdir = copy_of(trained, tmp_path)
+    real_scores = profile_step.layer_scores
+    monkeypatch.setattr(profile_step, "layer_scores", lambda *args: [0.5, -0.25])
+    extend = ["--budget", "4", "--classifier-layers", "1", "--tokens", "400"]
+    assert layermoe(workdir, "extend", "--new", "hu", *extend).exit_code == 2
+    monkeypatch.setattr(profile_step, "layer_scores", real_scores)
+    result = layermoe(workdir, "extend", "--new", "tr", *extend)
+    assert result.exit_code == 0, result.output
+    assert "G2 (hu) never opened (its allocation failed): G2 is tr now" in " ".join(result.stderr.split())
+    manifest = Workdir(workdir).load()
+    assert [g.new_languages for g in manifest.generations] == [["en"], ["el"], ["tr"]]
+
+
+def test_eval_generate_and_prepare_of_a_generation_that_never_opened_say_why(trained, tmp_path, monkeypatch):
+    from layermoe.pipeline import profile as profile_step
+
+    workdir = copy_of(trained, tmp_path)
+    monkeypatch.setattr(profile_step, "layer_scores", lambda *args: [0.5, -0.25])
+    assert layermoe(workdir, "extend", "--new", "hu", "--budget", "4", "--classifier-layers", "1",
+                    "--tokens", "400").exit_code == 2
+    for command in (["eval"], ["generate", "--prompt", "Hello"], ["prepare", "--stage", "1"]):
+        result = layermoe(workdir, *command)
+        assert result.exit_code == 2, (command, result.output)
+        assert result.stderr.strip().splitlines()[-1].startswith(
+            "error: G2 (hu) did not open: `layermoe extend` stopped at its allocation (layer 1"), (command, result.stderr)

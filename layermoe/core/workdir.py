@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from layermoe.core.console import err_console
-from layermoe.core.errors import LayermoeError
+from layermoe.core.errors import LayermoeError, StoppedWithWorkKept
 from layermoe.core.manifest import Manifest, StepRecord, StepStatus, describe_steps, parse_manifest, utc_now
 from layermoe.core.numbers import human_bytes
 
@@ -261,6 +261,8 @@ def unchanged_on_bad_input(workdir: Workdir, fresh: bool | None = None) -> Itera
     manifest_bytes = workdir.manifest_path.read_bytes() if workdir.has_manifest() else None
     try:
         yield
+    except StoppedWithWorkKept:
+        raise
     except LayermoeError:
         keep = before | {str(workdir.root / LOCK_NAME)}
         for path in sorted(_snapshot(workdir.root) - keep, key=len, reverse=True):

@@ -27,6 +27,27 @@ def latest_checkpoint(generation: Generation) -> str | None:
     return None
 
 
+def stopped_extension(generation: Generation) -> tuple[str, str] | None:
+    """(step, error) when `extend` opened `generation` only in part: its profile done, then a step failed."""
+    if generation.index < 2 or generation.expansion.status == StepStatus.done:
+        return None
+    for name, record in (("allocation", generation.allocation), ("expansion", generation.expansion)):
+        if record.status == StepStatus.failed:
+            return name, record.error or "no reason recorded"
+    return None
+
+
+def require_open(generation: Generation) -> None:
+    """Refuse a step of a generation that `extend` did not finish opening, naming why (it would otherwise look
+    like the previous generation, or like a missing `expand`)."""
+    stopped = stopped_extension(generation)
+    if stopped is not None:
+        languages = ",".join(generation.new_languages)
+        raise LayermoeError(f"G{generation.index} ({', '.join(generation.new_languages)}) did not open: "
+                            f"`layermoe extend` stopped at its {stopped[0]} ({stopped[1]}): run "
+                            f"`layermoe extend --new {languages}` again")
+
+
 def base_source(workdir: Workdir, manifest: Manifest):
     """Where the base model recorded in the manifest is (paths are relative to the work dir): a ModelSource."""
 

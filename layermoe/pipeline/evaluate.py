@@ -31,6 +31,7 @@ from layermoe.pipeline.common import (
     latest_checkpoint,
     load_base,
     load_checkpoint,
+    require_open,
     texts_for,
     verify_checkpoint,
 )
@@ -112,6 +113,7 @@ def _target(workdir: Workdir, manifest: Manifest, generation: Generation, model:
     if model == "base":
         return base_under_test(workdir, manifest, dtype)
     if model == "current":
+        require_open(generation)
         checkpoint = latest_checkpoint(generation)
         if checkpoint is None:
             raise LayermoeError(f"G{generation.index} has no expanded model yet: run `layermoe expand` first "

@@ -8,16 +8,18 @@ and measure right away how much the earlier languages moved (they should not, mu
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from layermoe.allocation import strategies as alloc
 from layermoe.core.console import err_console
 from layermoe.core.devices import resolve_device
-from layermoe.core.errors import LayermoeError
-from layermoe.core.manifest import Generation, Manifest, StepStatus
+from layermoe.core.errors import LayermoeError, StoppedWithWorkKept
+from layermoe.core.manifest import Generation, Manifest, StepStatus, utc_now
 from layermoe.core.workdir import StepAlreadyDone, Workdir, session
 from layermoe.data.languages import validate_language_group
 from layermoe.modeling import ROUTER_INITS
 from layermoe.pipeline.allocate import allocate_generation, check_neuron_settings, manual_counts, resolve_budget
-from layermoe.pipeline.common import latest_checkpoint
+from layermoe.pipeline.common import latest_checkpoint, stopped_extension
 from layermoe.pipeline.drift import measure_drift
 from layermoe.pipeline.expand import expand_generation
 from layermoe.pipeline.options import ExtendOptions
@@ -43,6 +45,12 @@ def open_generation(manifest: Manifest, new: list[str]) -> Generation:
     current = manifest.current
     if current.new_languages == new and current.index >= 2:
         return current  # the same extension again: resume it where it stopped, or find it done
+    stopped = stopped_extension(current)
+    if stopped is not None:  # an extension to other languages that never opened: this one takes its place
+        err_console.print(f"[yellow]note:[/] G{current.index} ({', '.join(current.new_languages)}) never opened "
+                          f"(its {stopped[0]} failed): G{current.index} is {', '.join(new)} now", soft_wrap=True)
+        manifest.generations.pop()
+        current = manifest.current
     known = manifest.generation_of_language()
     taken = [lang for lang in new if lang in known]
     if taken:
@@ -71,13 +79,32 @@ def extend_generation(workdir: Workdir, manifest: Manifest, options: ExtendOptio
     if generation.profile.status != StepStatus.done:
         profile = options.profile.model_copy(update={"data": list(options.data), "device": device})
         profile_generation(workdir, manifest, generation, profile)
-    if generation.allocation.status != StepStatus.done:
-        allocate_generation(workdir, manifest, generation, options.allocate)
-    if generation.expansion.status != StepStatus.done:
-        expand_generation(workdir, manifest, generation, options.expand.model_copy(update={"device": device}))
+    with _profile_kept(workdir, manifest, generation, options.new):
+        if generation.allocation.status != StepStatus.done:
+            allocate_generation(workdir, manifest, generation, options.allocate)
+        if generation.expansion.status != StepStatus.done:
+            expand_generation(workdir, manifest, generation, options.expand.model_copy(update={"device": device}))
     measure_drift(workdir, manifest, generation, device, options.drift_tokens)
     workdir.save(manifest)
     return generation
+
+
+@contextmanager
+def _profile_kept(workdir: Workdir, manifest: Manifest, generation: Generation, new: list[str]):
+    """The allocation or expansion refusing what the profile measured (S^i <= 0 for Eq. 10, known only once measured)
+    keeps the profile: the step is marked failed, the work dir keeps G(n+1) and its profile, and `extend` again
+    with another strategy starts at the allocation."""
+    try:
+        yield
+    except StepAlreadyDone:
+        raise
+    except LayermoeError as e:
+        record, name = ((generation.allocation, "allocation") if generation.allocation.status != StepStatus.done
+                        else (generation.expansion, "expansion"))
+        record.status, record.error, record.finished_at = StepStatus.failed, str(e), utc_now()
+        workdir.save(manifest)
+        raise StoppedWithWorkKept(f"{e} (G{generation.index}'s profile is kept: `layermoe extend --new "
+                                  f"{','.join(new)}` with another --strategy starts at the {name})") from None
 
 
 def _check_arguments(manifest: Manifest, options: ExtendOptions) -> None:

@@ -24,7 +24,7 @@ from layermoe.core.manifest import Manifest
 from layermoe.core.workdir import Workdir
 from layermoe.modeling.base import folder_position_limit, load_model, load_tokenizer, resolve_model_spec
 from layermoe.modeling.generation import continue_text, continue_texts
-from layermoe.pipeline.common import latest_checkpoint, texts_for
+from layermoe.pipeline.common import latest_checkpoint, require_open, texts_for
 from layermoe.pipeline.eval_cache import ModelUnderTest
 from layermoe.pipeline.evaluate import base_under_test, checkpoint_under_test
 from layermoe.pipeline.options import GenerateOptions
@@ -58,6 +58,7 @@ def model_choice(workdir: Workdir, manifest: Manifest | None, choice: str, dtype
                 raise LayermoeError(f"--model {choice}: this work dir has no G{index} "
                                     f"(it has G0 to G{len(manifest.generations) - 1})")
             generation = manifest.generations[index]
+        require_open(generation)
         checkpoint = latest_checkpoint(generation)
         if checkpoint is None:
             raise LayermoeError(f"--model {choice}: G{generation.index} has no model yet: run `layermoe expand` "

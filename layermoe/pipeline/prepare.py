@@ -22,7 +22,7 @@ from layermoe.core.numbers import human, human_bytes
 from layermoe.core.workdir import StepAlreadyDone, Workdir, require_done, run_step, session
 from layermoe.data import Source, is_prepared, prepare, prepared_key
 from layermoe.data.selection import SELECTION_FIELDS
-from layermoe.pipeline.common import resolve_data_spec
+from layermoe.pipeline.common import require_open, resolve_data_spec
 from layermoe.pipeline.options import PrepareOptions
 from layermoe.training.config import TrainConfig, load_train_config
 
@@ -55,6 +55,7 @@ def stage_tokenizer(workdir: Workdir, generation: Generation):
     """The tokenizer training uses: the expanded model's (the base model's, unchanged)."""
     from transformers import AutoTokenizer
 
+    require_open(generation)
     require_done(generation.expansion, f"expansion of G{generation.index}", "layermoe expand")
     return AutoTokenizer.from_pretrained(workdir.resolve(generation.expansion.checkpoint))
 

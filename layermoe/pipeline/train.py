@@ -19,7 +19,7 @@ from layermoe.core.manifest import Generation, Manifest, StepStatus
 from layermoe.core.workdir import StepAlreadyDone, Workdir, require_done, run_step, session
 from layermoe.data import wait_for_prepared
 from layermoe.modeling.base import folder_position_limit
-from layermoe.pipeline.common import record_checkpoint, verify_checkpoint
+from layermoe.pipeline.common import record_checkpoint, require_open, verify_checkpoint
 from layermoe.pipeline.options import TrainOptions
 from layermoe.pipeline.prepare import ensure_prepared, prepared_root, stage_key, stage_tokenizer, with_prepared_settings
 from layermoe.training.checkpoint import verify_latest
@@ -46,6 +46,7 @@ def run_train(workdir: Workdir, options: TrainOptions) -> None:
     if _rank() != 0:
         manifest = workdir.load()
         generation = manifest.current
+        require_open(generation)  # the line rank 0 stops with
         if generation.step(f"stage{stage}").status == StepStatus.done and not force:
             return
         _verify_source(workdir, manifest, generation, stage)
@@ -61,6 +62,7 @@ def run_train(workdir: Workdir, options: TrainOptions) -> None:
 
 def train_generation(workdir: Workdir, manifest: Manifest, generation: Generation, stage: int, config, force=False,
                      num_proc=None) -> None:
+    require_open(generation)
     if stage == 1:
         require_done(generation.expansion, f"expansion of G{generation.index}", "layermoe expand")
     else:
