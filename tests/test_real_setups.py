@@ -176,6 +176,27 @@ def test_log_every_is_a_flag_and_a_short_run_logs_every_step(expanded, tmp_path)
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
 
 
+def test_a_stage_trained_again_logs_only_its_own_steps(expanded, tmp_path):
+    """--force starts a new log: the earlier run's points are not left above the new ones."""
+    workdir = copy_of(expanded, tmp_path)
+    assert layermoe(workdir, "train", "--stage", "1", *TRAIN, "--log-every", "1").exit_code == 0
+    result = layermoe(workdir, "train", "--stage", "1", *TRAIN[:1], "3", *TRAIN[2:], "--log-every", "1", "--force")
+    assert result.exit_code == 0, result.output
+    lines = (workdir / "g1" / "stage1-run" / "train_log.jsonl").read_text().splitlines()
+    assert [(json.loads(line)["step"], json.loads(line)["total_steps"]) for line in lines] == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_a_resumed_log_keeps_the_points_up_to_its_checkpoint_and_drops_a_cut_line(tmp_path):
+    from layermoe.training.reporting import keep_log_up_to
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": step, "loss": 1.0 / step}) + "\n" for step in range(1, 8)) + '{"step": 8, "lo')
+    keep_log_up_to(log, 6)  # killed at step 8 with its last checkpoint at step 6: steps 7 and 8 are logged again
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    keep_log_up_to(log, 0)
+    assert log.read_text() == ""
+
+
 def test_test_set_names_are_never_truncated_in_the_eval_table():
     from types import SimpleNamespace
 

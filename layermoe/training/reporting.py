@@ -12,6 +12,22 @@ from rich.progress import MofNCompleteColumn, TextColumn
 
 from layermoe.core.console import err_console
 from layermoe.core.progress import Throttle, progress_bars
+from layermoe.core.workdir import atomic_write_text
+
+
+def keep_log_up_to(log_path: Path, step: int) -> None:
+    """The log of a run that starts at `step`: a fresh run (0) starts an empty one; a resumed run keeps the points
+    up to its checkpoint and drops what the interrupted run logged after it (it logs those steps again)."""
+    if not log_path.exists():
+        return
+    kept = []
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill: the run logs that step again
+            continue
+    atomic_write_text(log_path, "".join(f"{line}\n" for line in kept))
 
 
 class StageReporter:
@@ -36,6 +52,7 @@ class StageReporter:
         if not self.enabled:
             return
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        keep_log_up_to(log_path, start_step)
         self.file = open(log_path, "a", encoding="utf-8")
         if show_progress and not err_console.is_terminal:
             self.throttle = Throttle()
