@@ -214,26 +214,104 @@ def test_test_set_names_are_never_truncated_in_the_eval_table():
     assert name in console.export_text()
 
 
-# ---------------------------------------------------------------- point 2: mlflow
+# ---------------------------------------------------------------- point 2: the real mlflow and wandb
+
+# CI's trackers leg installs mlflow and wandb and sets this: there a missing package fails instead of skipping.
+TRACKERS_REQUIRED = os.environ.get("LAYERMOE_TRACKER_TESTS") == "1"
 
 
-def test_mlflow_writes_under_the_runs_logs_and_an_unusable_store_is_one_line(expanded, tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
+def tracker_package(name: str):
+    if TRACKERS_REQUIRED:
+        return __import__(name)
+    return pytest.importorskip(name, reason=f"{name} is not in the lock: CI's trackers leg installs it")
+
+
+LOSS_TERMS = ("loss", "ntp", "balance", "lr", "grad_norm", "tokens_seen")
+
+
+def logged_points(workdir: Path) -> dict[int, dict]:
+    lines = (workdir / "g1" / "stage1-run" / "train_log.jsonl").read_text().splitlines()
+    return {point["step"]: point for point in map(json.loads, lines)}
+
+
+@pytest.mark.trackers
+def test_mlflow_records_every_loss_term_under_the_runs_logs_and_an_unusable_store_is_one_line_before_preparing(
+        expanded, tmp_path, monkeypatch):
+    tracker_package("mlflow")
+    from mlflow.tracking import MlflowClient
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     workdir = copy_of(expanded, tmp_path)
     train = [a for a in TRAIN if a not in ("--report-to", "none")]
-    result = layermoe(workdir, "train", "--stage", "1", *train, "--report-to", "mlflow")
-    assert result.exit_code == 0, result.output
-    assert (workdir / "g1" / "stage1-run" / "logs" / "mlflow.db").is_file()
-    assert not (tmp_path / "mlflow.db").exists()
     (tmp_path / "a-file").write_text("not a directory")
     bad = f"sqlite:///{tmp_path}/a-file/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", bad)
-    result = layermoe(workdir, "train", "--stage", "1", *train, "--report-to", "mlflow", "--force")
+    manifest = (workdir / "manifest.json").read_bytes()
+    result = layermoe(workdir, "train", "--stage", "1", *train, "--report-to", "mlflow")
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: --report-to mlflow: the tracking store {bad} cannot be used")
+    assert "prepare" not in result.stderr  # refused before the data is prepared (minutes at paper scale)
+    assert (workdir / "manifest.json").read_bytes() == manifest
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    result = layermoe(workdir, "train", "--stage", "1", *train, "--report-to", "mlflow", "--log-every", "1")
+    assert result.exit_code == 0, result.output
+    store = workdir / "g1" / "stage1-run" / "logs" / "mlflow.db"
+    assert store.is_file() and not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    points = logged_points(workdir)
+    for term in LOSS_TERMS:
+        history = client.get_metric_history(run.info.run_id, f"train/{term}")
+        assert {m.step: m.value for m in history} == pytest.approx({s: p[term] for s, p in points.items()}), term
+
+
+def wandb_history(run_file: Path) -> list[dict]:
+    """The points of an offline wandb run, read from its .wandb file: a LevelDB-style log (32 KiB blocks of
+    records, each a 7-byte header: crc, length, type) of protobuf Records, after a 7-byte file header."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending, points = run_file.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (length == 0 and kind == 0):  # the rest of the block is padding
+            pos += left
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                points.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                               for item in record.history.item})
+    return points
+
+
+@pytest.mark.trackers
+def test_wandb_offline_records_every_loss_term_under_the_runs_logs(expanded, tmp_path, monkeypatch):
+    tracker_package("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    workdir = copy_of(expanded, tmp_path)
+    train = [a for a in TRAIN if a not in ("--report-to", "none")]
+    result = layermoe(workdir, "train", "--stage", "1", *train, "--report-to", "wandb", "--log-every", "1")
+    assert result.exit_code == 0, result.output
+    [run_file] = (workdir / "g1" / "stage1-run" / "logs" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert not (tmp_path / "wandb").exists()
+    history = {point["_step"]: point for point in wandb_history(run_file)}
+    points = logged_points(workdir)
+    assert sorted(history) == sorted(points) == [1, 2]
+    for step, point in points.items():
+        for term in LOSS_TERMS:
+            assert history[step][f"train/{term}"] == pytest.approx(point[term]), (step, term)
 
 
 # ---------------------------------------------------------------- point 6: find_unused_parameters

@@ -24,7 +24,12 @@ from layermoe.pipeline.options import TrainOptions
 from layermoe.pipeline.prepare import ensure_prepared, prepared_root, stage_key, stage_tokenizer, with_prepared_settings
 from layermoe.training.checkpoint import verify_latest
 from layermoe.training.config import load_train_config
-from layermoe.training.distributed import check_settings, check_shared_at_launch, launched_world_size
+from layermoe.training.distributed import (
+    check_settings,
+    check_shared_at_launch,
+    check_tracker_stores,
+    launched_world_size,
+)
 from layermoe.training.loop import train_stage
 
 
@@ -50,6 +55,7 @@ def run_train(workdir: Workdir, options: TrainOptions) -> None:
         if generation.step(f"stage{stage}").status == StepStatus.done and not force:
             return
         _verify_source(workdir, manifest, generation, stage)
+        check_tracker_stores(config, _run_dir(workdir, generation, stage))
         config = with_prepared_settings(generation, stage, config)
         key = stage_key(workdir, manifest, generation, config.data, stage_tokenizer(workdir, generation))
         prepared = wait_for_prepared(prepared_root(workdir) / key)  # rank 0 prepares it if needed
@@ -73,6 +79,7 @@ def train_generation(workdir: Workdir, manifest: Manifest, generation: Generatio
         raise StepAlreadyDone(f"{label} is done already (use --force to redo it)")
     _verify_source(workdir, manifest, generation, stage)  # before --force clears anything
     _check_seq_len(workdir, generation, stage, config)  # before the data is prepared
+    check_tracker_stores(config, _run_dir(workdir, generation, stage))
     # the prepared data's settings; a global batch's accumulation for this launch (recorded as used)
     config = with_prepared_settings(generation, stage, config).for_world_size(launched_world_size())
     prepared_dir, fresh = ensure_prepared(workdir, manifest, generation, stage, config, num_proc=num_proc)

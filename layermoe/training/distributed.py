@@ -101,6 +101,13 @@ def parameters_may_go_unused(stage: int, dense: bool) -> bool:
     return stage == 1 and not dense
 
 
+def check_tracker_stores(config, run_dir: Path) -> None:
+    """A tracker store that cannot be used, refused before any long work (data preparation, model loading), with
+    the line `make_accelerator` would give; every rank runs it, so a refusal stops every rank alike."""
+    if "mlflow" in resolve_trackers(config.report_to):
+        use_mlflow_store(Path(run_dir) / "logs")
+
+
 def make_accelerator(config, run_dir=None, find_unused_parameters: bool = True):
     """The Accelerator of a stage, as the launch's config says; see the module docstring.
 
