@@ -425,6 +425,8 @@ def test_an_extend_stopped_by_its_measured_similarities_keeps_the_profile_and_tr
     assert generation.profile.status == StepStatus.done and generation.allocation.status == StepStatus.failed
     assert (workdir / "g2" / "profile.json").is_file()
 
+    result = layermoe(workdir, "status")
+    assert result.exit_code == 0 and "✗ G2 allocation: layer 1 has similarity -0.25, but Eq. 10" in result.stdout
     result = layermoe(workdir, "train", "--stage", "1", *TRAIN)
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines()[-1] == (

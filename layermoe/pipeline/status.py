@@ -34,6 +34,15 @@ def show_status(workdir: Workdir, options: StatusOptions | None = None) -> None:
         sys.stdout.write(manifest.to_json() + "\n")
         return
     console.print(lineage_table(manifest))
+    for line in failed_steps(manifest):
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
+def failed_steps(manifest: Manifest) -> list[str]:
+    """One line per failed step, with what it recorded: the table's ✗ says which, this says why."""
+    return [f"✗ G{generation.index} {name}: {generation.step(name).error or 'no reason recorded'}"
+            for generation in manifest.generations if generation.index > 0 for name in STEP_NAMES
+            if generation.step(name).status == StepStatus.failed]
 
 
 def lineage_table(manifest: Manifest) -> Table:
