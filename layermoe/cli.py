@@ -340,7 +340,7 @@ COMMANDS = [
      "Run or resume every step of a recipe through the same manifest.",
      "Example: layermoe run qwen1.5-1.8b   (a shipped recipe by name; or a path: layermoe run my-recipe.yaml)"),
     ("recipes", step_options.RecipesOptions, "layermoe.pipeline.recipes:show_recipes",
-     "List the shipped recipes and accelerate configs; with a NAME, print its path.",
+     "List the shipped recipes, accelerate configs and lm-eval task folder; with a NAME, print its path.",
      "Example: accelerate launch --config_file $(layermoe recipes fsdp2) -m layermoe train --stage 1"),
     ("compare", step_options.CompareOptions, "layermoe.pipeline.compare.run:run_compare_recipe",
      "LayerMoE vs NeuronMoE vs MoE-LPR vs a dense fine-tune on one generation: same data, steps and tokens.",

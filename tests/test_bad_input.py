@@ -343,7 +343,7 @@ ROWS = [
     Row("run-recipe-empty", ["run", "{file}"], "recipe {file} is empty", setup=write_file("empty.yaml", b"")),
     Row("run-recipe-binary", ["run", "{file}"], "recipe {file} is not a text file",
         setup=write_file("binary.yaml", b"\xff\xfe\x00\x81" * 16)),
-    Row("accelerate-config-missing", ["recipes", "fsdp3"], "no shipped recipe or accelerate config named 'fsdp3'"),
+    Row("accelerate-config-missing", ["recipes", "fsdp3"], "no shipped recipe, accelerate config or task folder named 'fsdp3'"),
     Row("budget-zero", ["allocate", "--budget", "0", "--force"], "expert budget 0 is smaller than the 4 layers",
         workdir="expanded"),
     Row("workdir-dangling-symlink", ["-w", "{link}", *PROFILE, "{tiny}"], "work dir {link} is a symlink to", setup=symlinked_workdir),

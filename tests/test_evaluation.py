@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 from layermoe.core.errors import LayermoeError
 from layermoe.evaluation import deltas, evaluate_languages, forgetting_and_gain, group_averages, routing_health
 from layermoe.evaluation.routing import effective_routing, plot_routing
+from layermoe.pipeline.recipes import LM_EVAL_TASKS_DIR as LM_EVAL_TASK_DIR
 from layermoe.testing import make_tiny_model
 
 TEXTS = {
@@ -20,7 +20,6 @@ TEXTS = {
     "el": ["Καλημέρα κόσμε, τι κάνεις σήμερα;"],
     "zh": ["你好世界", "我们今天去公园散步。"],
 }
-LM_EVAL_TASK_DIR = Path(__file__).parent / "data" / "lm_eval_task"
 
 
 @pytest.fixture(scope="module")

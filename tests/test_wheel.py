@@ -52,6 +52,8 @@ def test_the_wheel_holds_the_recipes_and_accelerate_configs(wheel):
         assert f"layermoe/recipes/{recipe}.yaml" in names
     for config in ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3", "single_gpu"):
         assert f"layermoe/recipes/accelerate/{config}.yaml" in names
+    for name in ("layermoe_tiny_mc.yaml", "load.py", "tiny_mc.jsonl"):  # the example lm-eval task folder
+        assert f"layermoe/recipes/lm-eval-tasks/{name}" in names
     assert "layermoe/compat.py" in names and "layermoe/modeling/modeling_layermoe.py" in names
     assert not any(name.startswith("tests/") for name in names)
 
@@ -63,6 +65,9 @@ def test_installed_tool_finds_its_recipes_by_name_outside_the_repo(installed, tm
     assert path.is_file() and str(installed) in str(path) and str(REPO) not in str(path)
     result = _run(installed, tmp_path, "recipes", "fsdp2")
     assert result.returncode == 0 and result.stdout.strip().endswith("layermoe/recipes/accelerate/fsdp2.yaml")
+    result = _run(installed, tmp_path, "recipes", "lm-eval-tasks")
+    tasks = Path(result.stdout.strip())
+    assert result.returncode == 0 and str(installed) in str(tasks) and (tasks / "tiny_mc.jsonl").is_file()
     code = "import layermoe, sys; print(layermoe.__file__)"
     where = subprocess.run([str(installed / "bin" / "python"), "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert str(installed) in where.stdout and str(REPO) not in where.stdout

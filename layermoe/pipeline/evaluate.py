@@ -22,7 +22,7 @@ from layermoe.core.progress import token_progress
 from layermoe.core.workdir import Workdir, run_step, session
 from layermoe.data import describe_source, load_documents, parse_data_args
 from layermoe.evaluation import forgetting_and_gain, group_averages, summarise_routing
-from layermoe.evaluation.lm_eval import parse_batch_size, run_lm_eval
+from layermoe.evaluation.lm_eval import LoadedTasks, check_tasks_load, parse_batch_size, run_lm_eval
 from layermoe.evaluation.report import render_report
 from layermoe.modeling.base import ModelSource
 from layermoe.pipeline.common import (
@@ -159,6 +159,9 @@ def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
     base_record = manifest.generations[0].eval
     run = _EvalRun(workdir, manifest, generation, test_sets, max_tokens, device, cache)
     asked = _Asked(force, list(tasks), num_fewshot, limit, include_path, lm_eval_batch_size)
+    if not _benchmarks_known(base_record if target.label == "base" else generation.eval, target, asked):
+        # every task's data before any model loads (the base model's bits per byte come first)
+        asked.loaded = check_tasks_load(asked.tasks, include_path=include_path)
     if target.label == "base":
         record = base_record
         changed = _measure_record(run, record, target, jobs(False), "eval of the base model", asked, merge=True)
@@ -178,6 +181,8 @@ def evaluate_generation(workdir: Workdir, manifest: Manifest, generation: Genera
         console.print(eval_table(manifest, generation, record))
         if record.test_sets:
             console.print(test_set_table(manifest, record))
+        if record.lm_eval and record.lm_eval.get("results"):
+            console.print(lm_eval_table(manifest, record))
 
 
 @dataclass
@@ -203,6 +208,30 @@ class _Asked:
     limit: int | None = None
     include_path: Path | None = None
     batch_size: int | str = 1
+    loaded: LoadedTasks | None = None  # the tasks, their data loaded before any model (check_tasks_load)
+
+
+def _benchmark_config(record: EvalRecord, model: ModelUnderTest, asked: _Asked) -> dict:
+    """The lm-eval settings `record` will hold: those asked, else (the same model) those it holds."""
+    if asked.tasks:
+        return {"tasks": list(asked.tasks), "num_fewshot": asked.num_fewshot, "limit": asked.limit}
+    if _same_model(record, model) and record.lm_eval is not None:
+        return {k: record.config.get(k) for k in BENCHMARK_KEYS}
+    return {}
+
+
+def _same_model(record: EvalRecord, model: ModelUnderTest) -> bool:
+    return record.status == StepStatus.done and record.config.get("model_sha256") == model.fingerprint
+
+
+def _benchmarks_known(record: EvalRecord, model: ModelUnderTest, asked: _Asked) -> bool:
+    """True when no lm-eval task is asked, or `record` holds `model`'s scores with these settings."""
+    config = _benchmark_config(record, model, asked)
+    return not asked.tasks or (_same_model(record, model) and not asked.force and record.lm_eval is not None
+                               and all(record.config.get(k) == config[k] for k in BENCHMARK_KEYS))
+
+
+BENCHMARK_KEYS = ("tasks", "num_fewshot", "limit")
 
 
 def _measure_record(run: _EvalRun, record: EvalRecord, model: ModelUnderTest, jobs: list[EvalJob], label: str,
@@ -219,18 +248,13 @@ def _measure_record(run: _EvalRun, record: EvalRecord, model: ModelUnderTest, jo
     force, tasks, num_fewshot, limit = asked.force, asked.tasks, asked.num_fewshot, asked.limit
     include_path, batch_size = asked.include_path, asked.batch_size
 
-    same_model = record.status == StepStatus.done and record.config.get("model_sha256") == model.fingerprint
+    same_model = _same_model(record, model)
     # read now: run_step replaces the config (records from before --dtype were float32)
     same_cap = (same_model and record.config.get("max_tokens") == max_tokens
                 and record.config.get("dtype", "float32") == model.dtype)
     config = dict(model=model.label, model_sha256=model.fingerprint, max_tokens=max_tokens, dtype=model.dtype)
-    benchmark_keys = ("tasks", "num_fewshot", "limit")
-    if tasks:
-        config.update(tasks=list(tasks), num_fewshot=num_fewshot, limit=limit)
-    elif same_model and record.lm_eval is not None:
-        config.update({k: record.config.get(k) for k in benchmark_keys})
-    benchmarks_known = not tasks or (same_model and not force and record.lm_eval is not None
-                                     and all(record.config.get(k) == config[k] for k in benchmark_keys))
+    config.update(_benchmark_config(record, model, asked))
+    benchmarks_known = _benchmarks_known(record, model, asked)
     held_out = [job.name for job in jobs if job.name not in {t.name for t in test_sets}]
     known = manifest.generation_of_language()
 
@@ -248,7 +272,7 @@ def _measure_record(run: _EvalRun, record: EvalRecord, model: ModelUnderTest, jo
 
             loaded, tokenizer = model.load(device)
             rec.lm_eval = run_lm_eval(loaded, tokenizer, list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                      include_path=include_path, batch_size=batch_size)
+                                      include_path=include_path, batch_size=batch_size, loaded=asked.loaded)
         elif not same_model:
             rec.lm_eval = None
         rec.model, rec.config = model.label, config
@@ -359,4 +383,75 @@ def test_set_table(manifest: Manifest, record: EvalRecord) -> Table:
                       f"{result.documents:,}" if getattr(result, "documents", None) else "—",
                       f"{result.tokens:,}" if result.tokens else "—", f"{before.bpb:.4f}" if before else "—",
                       f"{result.bpb:.4f}", "—" if is_base else _delta(result.bpb, before))
+    return table
+
+
+def _metric_rows(results: dict) -> list[tuple[str, str, str, object, object]]:
+    """(task, metric key, shown name, value, stderr) of every metric lm-eval gave; its keys are
+    "metric,filter" ("acc,none", "exact_match,strict-match") beside "metric_stderr,filter"."""
+    rows = []
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            if "," not in key:  # "name", "sample_len", "alias": about the task, not a score
+                continue
+            metric, _, filter_name = key.partition(",")
+            if metric.endswith("_stderr"):
+                continue
+            shown = metric if filter_name in ("none", "") else f"{metric} ({filter_name})"
+            rows.append((task, key, shown, value, metrics.get(f"{metric}_stderr,{filter_name}")))
+    return rows
+
+
+def _score(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return "—"
+    if isinstance(value, (int, float)):
+        return f"{value:.4f}"
+    return "—"  # "N/A" and the like
+
+
+def lm_eval_table(manifest: Manifest, record: EvalRecord) -> Table:
+    """Every lm-eval task's metrics, ± their standard error where lm-eval gives one, beside the base
+    model's (G0's record) when it was scored on the same task with the same few-shot and limit."""
+    lm_eval = record.lm_eval or {}
+    base_record = manifest.generations[0].eval
+    is_base = record is base_record
+    base = base_record.lm_eval or {}
+    comparable = not is_base and bool(base) and all(base.get(k) == lm_eval.get(k) for k in ("num_fewshot", "limit"))
+    base_results = base.get("results", {}) if comparable else {}
+    rows = _metric_rows(lm_eval.get("results", {}))
+    settings = [f"num_fewshot {lm_eval.get('num_fewshot')}" if lm_eval.get("num_fewshot") is not None
+                else "num_fewshot: each task's own", f"limit {lm_eval['limit']}" if lm_eval.get("limit") else "every document"]
+    if lm_eval.get("lm_eval_version"):
+        settings.append(f"lm-eval {lm_eval['lm_eval_version']}")
+    table = Table(title=f"lm-eval tasks — {record.model}", title_justify="left",
+                  caption=" · ".join(settings))
+    n_samples = lm_eval.get("n_samples", {})
+    columns = ["task", "metric", "samples", *(() if is_base else ("base",)), "value", "± stderr",
+               *(() if is_base else ("Δ",))]
+    body = []
+    for task, key, shown, value, stderr in rows:
+        counts = n_samples.get(task) or {}
+        effective, original = counts.get("effective"), counts.get("original")
+        samples = ("—" if effective is None else f"{effective:,}" if original in (None, effective)
+                   else f"{effective:,} of {original:,}")
+        cells = [task, shown, samples]
+        before = base_results.get(task, {}).get(key)
+        if not is_base:
+            cells.append(_score(before))
+        cells += [_score(value), "—" if _score(stderr) == "—" else f"±{stderr:.4f}"]
+        if not is_base:
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, before))
+            cells.append(f"{round(value - before, 4) + 0.0:+.4f}" if numeric else "—")  # + 0.0: no "-0.0000"
+        body.append(cells)
+    # nothing shortened to "…": the figures keep their widest cell, and on a narrow terminal a long
+    # task or metric name folds onto the next lines (whole) rather than push the figures out of sight
+    for i, column in enumerate(columns):
+        widest = max([len(column)] + [len(cells[i]) for cells in body])
+        if column in ("task", "metric"):
+            table.add_column(column, justify="left", overflow="fold", min_width=min(widest, 16 if column == "task" else 12))
+        else:
+            table.add_column(column, justify="right", no_wrap=True, min_width=widest)
+    for cells in body:
+        table.add_row(*cells)
     return table

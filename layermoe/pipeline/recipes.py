@@ -4,7 +4,8 @@ Each generation's step sections are the options models of those steps (`pipeline
 `profile:` is a `ProfileOptions`, `allocate:` an `AllocateOptions`, `expand:` an `ExpandOptions`,
 `stage1:`/`stage2:` a `TrainConfig`, `eval:` an `EvalOptions`. An unknown key is one line naming
 it and the keys the section takes. The shipped recipes and accelerate configs are package data,
-found by name (`layermoe run demo`) as well as by path.
+found by name (`layermoe run demo`) as well as by path; so is an example folder of lm-eval tasks
+(`eval --tasks layermoe_tiny_mc --tasks-path $(layermoe recipes lm-eval-tasks)`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from layermoe.training.config import TrainConfig, load_train_config
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # package data: layermoe/recipes/
 ACCELERATE_DIR = RECIPES_DIR / "accelerate"
+LM_EVAL_TASKS_DIR = RECIPES_DIR / "lm-eval-tasks"  # a local lm-eval task (YAML, loader, data): `eval --tasks-path`
+TASK_FOLDERS = {"lm-eval-tasks": LM_EVAL_TASKS_DIR}
 
 
 class GenerationRecipe(BaseModel):
@@ -141,19 +144,21 @@ def load_recipe(spec: str | Path) -> Recipe:
 
 
 def show_recipes(workdir, options: RecipesOptions) -> None:
-    """`layermoe recipes`: the shipped recipes and accelerate configs; with a NAME, that one's path alone."""
+    """`layermoe recipes`: the shipped recipes, accelerate configs and lm-eval task folder; with a NAME,
+    that one's path alone."""
     recipes, configs = shipped("recipe"), shipped("accelerate")
     if options.name:
-        path = recipes.get(options.name) or configs.get(options.name)
+        path = recipes.get(options.name) or configs.get(options.name) or TASK_FOLDERS.get(options.name)
         if path is None:
-            raise LayermoeError(f"no shipped recipe or accelerate config named {options.name!r}: use one of "
-                                f"{', '.join([*recipes, *configs])}")
+            raise LayermoeError(f"no shipped recipe, accelerate config or task folder named {options.name!r}: use one of "
+                                f"{', '.join([*recipes, *configs, *TASK_FOLDERS])}")
         print(path)  # plain, for $(layermoe recipes fsdp2)
         return
     table = Table(title="shipped with layermoe", title_justify="left")
     for column in ("name", "kind", "path"):
         table.add_column(column, overflow="fold")
-    for kind, found in (("recipe (layermoe run NAME)", recipes), ("accelerate config", configs)):
+    for kind, found in (("recipe (layermoe run NAME)", recipes), ("accelerate config", configs),
+                        ("lm-eval task folder (eval --tasks-path)", TASK_FOLDERS)):
         for name, path in found.items():
             table.add_row(name, kind, str(path))
     console.print(table)
