@@ -197,6 +197,23 @@ def test_a_resumed_log_keeps_the_points_up_to_its_checkpoint_and_drops_a_cut_lin
     assert log.read_text() == ""
 
 
+def test_the_eval_tables_summary_is_one_line():
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from layermoe.pipeline.evaluate import eval_table
+
+    el = SimpleNamespace(bpb=1.2345, tokens=6147)
+    record = SimpleNamespace(model="g1/stage1", languages={"el": el}, old_avg=6.0341, new_avg=1.2345,
+                             metrics={"forgetting": 0.0012, "gain": -3.0})
+    manifest = SimpleNamespace(generation_of_language=lambda: {"en": 0, "el": 1},
+                               generations=[SimpleNamespace(eval=SimpleNamespace(languages={"el": el}))])
+    console = Console(width=80, record=True)
+    console.print(eval_table(manifest, SimpleNamespace(index=1), record))
+    assert "Old-avg 6.0341 · New-avg 1.2345 · forgetting +0.0012 · gain -3.0000" in console.export_text()
+
+
 def test_test_set_names_are_never_truncated_in_the_eval_table():
     from types import SimpleNamespace
 

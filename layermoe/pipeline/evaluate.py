@@ -362,6 +362,7 @@ def eval_table(manifest: Manifest, generation: Generation, record: EvalRecord) -
         if record.metrics.get(key) is not None:
             parts.append(f"{key} {round(record.metrics[key], 4) + 0.0:+.4f}")  # no "-0.0000"
     table.caption = " · ".join(parts)
+    table.min_width = len(table.caption)  # the summary on one line (Rich wraps a caption at the table's width)
     return table
 
 
