@@ -282,3 +282,72 @@ def test_every_task_name_the_readme_gives_is_one_lm_eval_knows():
     manager = TaskManager()  # the whole index: ~10 s
     known = set(manager.all_tasks)
     assert [name for name in _readme_task_names() if name not in known] == []
+
+
+# ---------------------------------------------------------------- several benchmark runs on one model
+
+
+def _two_task_folder(tmp_path: Path) -> Path:
+    """The shipped task folder plus a second task of the same questions under another name."""
+    folder = tmp_path / "tasks"
+    shutil.copytree(LM_EVAL_TASKS_DIR, folder)
+    text = (folder / f"{TASK}.yaml").read_text()
+    (folder / "second.yaml").write_text(text.replace(f"task: {TASK}", "task: layermoe_tiny_mc_second"))
+    return folder
+
+
+def test_benchmarks_run_one_after_another_on_a_model_keep_each_others_scores(workdir, tmp_path, monkeypatch):
+    """The papers score each benchmark with its own shot count, so one `eval --tasks` per benchmark: each run adds
+    its scores to the model's record (a later run replaced them all), a task asked again with the settings it was
+    scored with is not run again, and one asked with other settings is run again and replaces its scores alone."""
+    from layermoe.pipeline import evaluate
+
+    folder, second = _two_task_folder(tmp_path), "layermoe_tiny_mc_second"
+    runs: list[tuple[list[str], int | None]] = []
+    real_run = evaluate.run_lm_eval
+
+    def counted(model, tokenizer, tasks, **kwargs):
+        runs.append((list(tasks), kwargs.get("num_fewshot")))
+        return real_run(model, tokenizer, tasks, **kwargs)
+
+    monkeypatch.setattr(evaluate, "run_lm_eval", counted)
+    ask = ["eval", "--max-tokens", "200", "--tasks-path", str(folder)]
+    assert layermoe(workdir, *ask, "--tasks", TASK).exit_code == 0
+    result = layermoe(workdir, *ask, "--tasks", second, "--num-fewshot", "1")
+    assert result.exit_code == 0, result.output
+    record = Workdir(workdir).load().generations[1].eval.lm_eval
+    assert sorted(record["results"]) == [TASK, second]
+    assert record["settings"][TASK]["num_fewshot"] is None and record["settings"][second]["num_fewshot"] == 1
+    rows = _table(result.stdout, "lm-eval tasks — g1/expanded")
+    assert rows[0][:4] == ["task", "shots", "metric", "samples"]  # the settings differ between rows: a column
+    assert [row[:2] for row in rows[1:]] == [[TASK, "—"], [TASK, "—"], [second, "1"], [second, "1"]]
+
+    again = layermoe(workdir, *ask, "--tasks", TASK)  # scored with these settings already: from the record
+    assert again.exit_code == 0 and "up to date" in again.stderr, again.output
+    assert runs == [([TASK], None), ([second], 1)]
+    result = layermoe(workdir, *ask, "--tasks", TASK, "--num-fewshot", "1")  # other settings: run again
+    assert result.exit_code == 0, result.output
+    assert runs[-1] == ([TASK], 1)
+    record = Workdir(workdir).load().generations[1].eval.lm_eval
+    assert sorted(record["results"]) == [TASK, second] and record["settings"][TASK]["num_fewshot"] == 1
+    assert [run["tasks"] for run in record["runs"]] == [[second], [TASK]]
+
+
+def test_merged_runs_drop_a_run_whose_scores_a_later_one_replaced():
+    from layermoe.evaluation.lm_eval import merge_benchmark_runs, scores_known
+
+    def run(tasks, shots, results):
+        return {"lm_eval_version": "0.4.13", "tasks": tasks, "num_fewshot": shots, "limit": None,
+                "results": {key: {"acc,none": 0.5} for key in results}, "n_samples": {}}
+
+    group = run(["belebele_*"], 5, ["belebele_ell_Grek", "belebele_hun_Latn"])
+    merged = merge_benchmark_runs(None, group)
+    assert scores_known(merged, ["belebele_*"], 5, None) and not scores_known(merged, ["belebele_*"], 0, None)
+    merged = merge_benchmark_runs(merged, run(["belebele_ell_Grek"], 0, ["belebele_ell_Grek"]))
+    assert sorted(merged["results"]) == ["belebele_ell_Grek", "belebele_hun_Latn"]
+    assert merged["settings"]["belebele_hun_Latn"]["num_fewshot"] == 5  # kept, with what it was scored with
+    assert merged["settings"]["belebele_ell_Grek"]["num_fewshot"] == 0
+    assert not scores_known(merged, ["belebele_*"], 5, None)  # one of its scores is no longer a 5-shot one
+    assert scores_known(merged, ["belebele_ell_Grek"], 0, None)
+    old_style = run(["arc_hu"], 25, ["arc_hu"])  # a record written before runs were kept: its own settings
+    assert scores_known(old_style, ["arc_hu"], 25, None) and not scores_known(old_style, ["arc_hu"], 0, None)

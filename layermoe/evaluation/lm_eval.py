@@ -268,3 +268,56 @@ def run_lm_eval(
     if return_samples:
         result["samples"] = output.get("samples", {})
     return result
+
+
+# ---------------------------------------------------------------------------- one record, several runs
+
+
+def _settings(record: dict) -> dict:
+    return {"num_fewshot": record.get("num_fewshot"), "limit": record.get("limit"),
+            "lm_eval_version": record.get("lm_eval_version")}
+
+
+def runs_of(record: dict) -> list[dict]:
+    """The runs whose scores all still stand in `record`: {"tasks" (as asked), "num_fewshot", "limit", "results"
+    (the result keys it gave)}. A record written before runs were kept is one run, of its top-level settings."""
+    if "runs" in record:
+        return record["runs"]
+    if not record.get("tasks"):
+        return []
+    return [{"tasks": list(record["tasks"]), "num_fewshot": record.get("num_fewshot"), "limit": record.get("limit"),
+             "results": list(record.get("results", {}))}]
+
+
+def settings_of(record: dict, key: str) -> dict:
+    """The few-shot count, limit and lm-eval version result `key` of `record` was scored with."""
+    return (record.get("settings") or {}).get(key) or _settings(record)
+
+
+def scores_known(record: dict, tasks: list[str], num_fewshot: int | None, limit: int | float | None) -> bool:
+    """True when every task asked is one a standing run of `record` scored with these settings."""
+    runs = runs_of(record)
+    return all(any(task in run["tasks"] and run["num_fewshot"] == num_fewshot and run["limit"] == limit for run in runs)
+               for task in tasks)
+
+
+def merge_benchmark_runs(earlier: dict | None, latest: dict) -> dict:
+    """One model's lm-eval record over every `eval --tasks` run: the latest run's results over the earlier ones'.
+
+    The papers score each benchmark with its own shot count, so a user runs one `eval --tasks` per benchmark:
+    each keeps the others' scores. Every result key records the settings it was scored with (`settings`). An
+    earlier run that shares a task name or a result key with the latest one no longer stands (`runs`): its other
+    scores stay, but asking it again runs it again. The top-level keys are the latest run's.
+    """
+    earlier = earlier or {}
+    latest_keys = list(latest.get("results", {}))
+    standing = [run for run in runs_of(earlier)
+                if not set(run["results"]) & set(latest_keys) and not set(run["tasks"]) & set(latest["tasks"])]
+    merged = dict(latest)
+    merged["results"] = {**earlier.get("results", {}), **latest.get("results", {})}
+    merged["n_samples"] = {**earlier.get("n_samples", {}), **latest.get("n_samples", {})}
+    merged["settings"] = {**{key: settings_of(earlier, key) for key in earlier.get("results", {})},
+                          **{key: _settings(latest) for key in latest_keys}}
+    merged["runs"] = standing + [{"tasks": list(latest["tasks"]), "num_fewshot": latest.get("num_fewshot"),
+                                  "limit": latest.get("limit"), "results": latest_keys}]
+    return merged

@@ -22,7 +22,15 @@ from layermoe.core.progress import token_progress
 from layermoe.core.workdir import Workdir, run_step, session
 from layermoe.data import describe_source, load_documents, parse_data_args
 from layermoe.evaluation import forgetting_and_gain, group_averages, summarise_routing
-from layermoe.evaluation.lm_eval import LoadedTasks, check_tasks_load, parse_batch_size, run_lm_eval
+from layermoe.evaluation.lm_eval import (
+    LoadedTasks,
+    check_tasks_load,
+    merge_benchmark_runs,
+    parse_batch_size,
+    run_lm_eval,
+    scores_known,
+    settings_of,
+)
 from layermoe.evaluation.report import render_report
 from layermoe.modeling.base import ModelSource
 from layermoe.pipeline.common import (
@@ -212,8 +220,9 @@ class _Asked:
 
 
 def _benchmark_config(record: EvalRecord, model: ModelUnderTest, asked: _Asked) -> dict:
-    """The lm-eval settings `record` will hold: those asked, else (the same model) those it holds."""
-    if asked.tasks:
+    """The lm-eval settings of the run `record` will hold last: those asked when they are run, else (the same
+    model) those it holds."""
+    if asked.tasks and not _benchmarks_known(record, model, asked):
         return {"tasks": list(asked.tasks), "num_fewshot": asked.num_fewshot, "limit": asked.limit}
     if _same_model(record, model) and record.lm_eval is not None:
         return {k: record.config.get(k) for k in BENCHMARK_KEYS}
@@ -225,10 +234,10 @@ def _same_model(record: EvalRecord, model: ModelUnderTest) -> bool:
 
 
 def _benchmarks_known(record: EvalRecord, model: ModelUnderTest, asked: _Asked) -> bool:
-    """True when no lm-eval task is asked, or `record` holds `model`'s scores with these settings."""
-    config = _benchmark_config(record, model, asked)
+    """True when no lm-eval task is asked, or `record` holds `model`'s scores of every task asked, scored with
+    these settings (by this run or an earlier one)."""
     return not asked.tasks or (_same_model(record, model) and not asked.force and record.lm_eval is not None
-                               and all(record.config.get(k) == config[k] for k in BENCHMARK_KEYS))
+                               and scores_known(record.lm_eval, asked.tasks, asked.num_fewshot, asked.limit))
 
 
 BENCHMARK_KEYS = ("tasks", "num_fewshot", "limit")
@@ -271,8 +280,9 @@ def _measure_record(run: _EvalRun, record: EvalRecord, model: ModelUnderTest, jo
         if not benchmarks_known:
 
             loaded, tokenizer = model.load(device)
-            rec.lm_eval = run_lm_eval(loaded, tokenizer, list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                      include_path=include_path, batch_size=batch_size, loaded=asked.loaded)
+            scores = run_lm_eval(loaded, tokenizer, list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                 include_path=include_path, batch_size=batch_size, loaded=asked.loaded)
+            rec.lm_eval = merge_benchmark_runs(rec.lm_eval if same_model else None, scores)
         elif not same_model:
             rec.lm_eval = None
         rec.model, rec.config = model.label, config
@@ -335,6 +345,7 @@ def _numbers(manifest: Manifest, generation: Generation, record: EvalRecord) -> 
         "new_avg": record.new_avg,
         "metrics": record.metrics,
         "lm_eval": (record.lm_eval or {}).get("results"),
+        "lm_eval_settings": {task: settings_of(record.lm_eval, task) for task in (record.lm_eval or {}).get("results", {})},
     }
 
 
@@ -418,26 +429,38 @@ def lm_eval_table(manifest: Manifest, record: EvalRecord) -> Table:
     base_record = manifest.generations[0].eval
     is_base = record is base_record
     base = base_record.lm_eval or {}
-    comparable = not is_base and bool(base) and all(base.get(k) == lm_eval.get(k) for k in ("num_fewshot", "limit"))
-    base_results = base.get("results", {}) if comparable else {}
     rows = _metric_rows(lm_eval.get("results", {}))
-    settings = [f"num_fewshot {lm_eval.get('num_fewshot')}" if lm_eval.get("num_fewshot") is not None
-                else "num_fewshot: each task's own", f"limit {lm_eval['limit']}" if lm_eval.get("limit") else "every document"]
-    if lm_eval.get("lm_eval_version"):
-        settings.append(f"lm-eval {lm_eval['lm_eval_version']}")
+
+    def scored_with(of: dict, task: str) -> tuple:
+        settings = settings_of(of, task)
+        return settings.get("num_fewshot"), settings.get("limit")
+
+    # one run's settings for every row: said once, under the table; several: a column of few-shot counts
+    used = {scored_with(lm_eval, task) for task, *_ in rows}
+    shots_column = len(used) > 1
+    settings = []
+    if not shots_column:
+        num_fewshot, limit = next(iter(used), (None, None))
+        settings = [f"num_fewshot {num_fewshot}" if num_fewshot is not None else "num_fewshot: each task's own",
+                    f"limit {limit}" if limit else "every document"]
+    versions = sorted({str(settings_of(lm_eval, task).get("lm_eval_version")) for task, *_ in rows} - {"None"})
+    settings += [f"lm-eval {version}" for version in versions]
     table = Table(title=f"lm-eval tasks — {record.model}", title_justify="left",
-                  caption=" · ".join(settings))
+                  caption=" · ".join(settings) if settings else None)
     n_samples = lm_eval.get("n_samples", {})
-    columns = ["task", "metric", "samples", *(() if is_base else ("base",)), "value", "± stderr",
-               *(() if is_base else ("Δ",))]
+    columns = ["task", *(("shots",) if shots_column else ()), "metric", "samples", *(() if is_base else ("base",)),
+               "value", "± stderr", *(() if is_base else ("Δ",))]
     body = []
     for task, key, shown, value, stderr in rows:
         counts = n_samples.get(task) or {}
         effective, original = counts.get("effective"), counts.get("original")
         samples = ("—" if effective is None else f"{effective:,}" if original in (None, effective)
                    else f"{effective:,} of {original:,}")
-        cells = [task, shown, samples]
-        before = base_results.get(task, {}).get(key)
+        num_fewshot, _ = scored_with(lm_eval, task)
+        cells = [task, *((("—" if num_fewshot is None else str(num_fewshot)),) if shots_column else ()), shown, samples]
+        # the base model's score only when it was scored with the same few-shot count and limit
+        comparable = not is_base and task in base.get("results", {}) and scored_with(base, task) == scored_with(lm_eval, task)
+        before = base["results"][task].get(key) if comparable else None
         if not is_base:
             cells.append(_score(before))
         cells += [_score(value), "—" if _score(stderr) == "—" else f"±{stderr:.4f}"]
