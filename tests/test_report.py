@@ -120,7 +120,7 @@ def test_report_routing_and_benchmarks(rendered):
     assert "top-2. The classifier does not decide routing in this model yet" in text
     assert "| 1 | 2 | 95.0% | 60.0% | 10.0% | 97.5% | 90.0% |" in text
     assert "| 0 | 3 | 80.0% | 70.0% | 20.0% |  |  |" in text
-    assert "| arc_easy | acc | 0.2500 |" in text
+    assert "| arc_easy | acc | the task's own | 0.2500 |" in text
     assert "stderr" not in text
 
 
@@ -150,3 +150,17 @@ def test_report_survives_missing_and_pending_steps(tmp_path, cut):
         assert "_Profile pending._" in text and "_No routing record yet" in text
         assert (tmp_path / "bpb.png").exists()  # the base model's figures alone are still drawn
     json.dumps(manifest)  # the renderer must not have mutated it into something unserialisable
+
+
+def test_report_says_the_few_shot_count_of_each_benchmark_figure(tmp_path):
+    """One few-shot count per row is said once; figures scored with different counts each say their own."""
+    manifest = copy.deepcopy(MANIFEST)
+    scores = {"arc_hu": {"acc,none": 0.3}, "belebele_hun_Latn": {"acc,none": 0.4}}
+    manifest["generations"][0]["eval"]["lm_eval"] = {"results": scores, "settings": {
+        "arc_hu": {"num_fewshot": 25, "limit": None}, "belebele_hun_Latn": {"num_fewshot": 5, "limit": None}}}
+    manifest["generations"][1]["eval"]["lm_eval"] = {"results": {task: {"acc,none": 0.5} for task in scores}, "settings": {
+        "arc_hu": {"num_fewshot": 25, "limit": None}, "belebele_hun_Latn": {"num_fewshot": 0, "limit": None}}}
+    render_report(_validated(manifest), tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "| arc_hu | acc | 25-shot | 0.3000 | 0.5000 |" in text
+    assert "| belebele_hun_Latn | acc | varies | 0.4000 (5-shot) | 0.5000 (0-shot) |" in text

@@ -19,6 +19,7 @@ from pathlib import Path
 from layermoe.core.numbers import signed
 from layermoe.core.plotting import pyplot, save_figure
 from layermoe.evaluation.groups import forgetting_and_gain, group_averages
+from layermoe.evaluation.lm_eval import settings_of
 from layermoe.evaluation.routing import plot_routing
 
 REPORT_NAME = "report.md"
@@ -372,17 +373,30 @@ def _benchmarks(manifest: dict) -> list[str]:
     for g in _generations(manifest):
         record = _step(g, "eval").get("lm_eval")
         if isinstance(record, dict) and record.get("results"):
-            columns.append(("Base" if g.get("index", 0) == 0 else f"after G{g['index']}", record["results"]))
+            columns.append(("Base" if g.get("index", 0) == 0 else f"after G{g['index']}", record))
     if not columns:
         return []
     keys = []
-    for _, results in columns:
-        for task, metrics in results.items():
+    for _, record in columns:
+        for task, metrics in record["results"].items():
             for metric, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric and (task, metric) not in keys:
                     keys.append((task, metric))
-    rows = [[task, metric.split(",")[0], *[_num((r.get(task) or {}).get(metric)) for _, r in columns]] for task, metric in keys]
-    return ["## Benchmarks (lm-evaluation-harness)", ""] + _table(["Task", "Metric", *[label for label, _ in columns]], rows)
+
+    def shots(record: dict, task: str) -> str:
+        count = settings_of(record, task).get("num_fewshot")
+        return "the task's own" if count is None else f"{count}-shot"
+
+    rows = []
+    for task, metric in keys:
+        scored = [(record, (record["results"].get(task) or {}).get(metric)) for _, record in columns]
+        counts = {shots(record, task) for record, value in scored if value is not None}
+        # a row of one few-shot count says it once; otherwise each figure says its own
+        cells = [_num(value) if value is None or len(counts) == 1 else f"{_num(value)} ({shots(record, task)})"
+                 for record, value in scored]
+        rows.append([task, metric.split(",")[0], counts.pop() if len(counts) == 1 else "varies", *cells])
+    header = ["Task", "Metric", "Few-shot", *[label for label, _ in columns]]
+    return ["## Benchmarks (lm-evaluation-harness)", ""] + _table(header, rows)
 
 
 # --- figures ---------------------------------------------------------------------------
