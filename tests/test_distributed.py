@@ -187,7 +187,8 @@ def test_shipped_accelerate_configs_parse_as_what_they_say():
     assert configs["ddp"].distributed_type.value == "MULTI_GPU"
 
 
-def test_make_accelerator_sets_the_process_group_timeout_and_trackers(monkeypatch):
+def accelerator_kwargs(monkeypatch, config: TrainConfig, **kwargs) -> dict:
+    """What `make_accelerator(config, **kwargs)` hands accelerate's Accelerator (stopped there)."""
     seen = {}
 
     class Recorder:
@@ -196,9 +197,14 @@ def test_make_accelerator_sets_the_process_group_timeout_and_trackers(monkeypatc
             raise RuntimeError("stop here")
 
     monkeypatch.setattr("accelerate.Accelerator", Recorder)
-    monkeypatch.setattr(distributed, "_installed", lambda tracker: True)
     with pytest.raises(RuntimeError, match="stop here"):
-        distributed.make_accelerator(TrainConfig(stage=1, process_group_timeout_minutes=90, report_to="all"))
+        distributed.make_accelerator(config, **kwargs)
+    return seen
+
+
+def test_make_accelerator_sets_the_process_group_timeout_and_trackers(monkeypatch):
+    monkeypatch.setattr(distributed, "_installed", lambda tracker: True)
+    seen = accelerator_kwargs(monkeypatch, TrainConfig(stage=1, process_group_timeout_minutes=90, report_to="all"))
     timeouts = [h.timeout for h in seen["kwargs_handlers"] if hasattr(h, "timeout")]
     assert timeouts == [timedelta(minutes=90)]
     assert seen["log_with"] == ["tensorboard", "wandb", "mlflow"]

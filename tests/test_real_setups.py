@@ -338,20 +338,13 @@ def test_wandb_offline_records_every_loss_term_under_the_runs_logs(expanded, tmp
 def test_ddp_looks_for_unused_parameters_only_where_experts_train(monkeypatch, stage, dense, expected):
     """Top-k routing can leave a training expert without a token (stage 1 of a MoE model); stage 2's routers and
     classifiers see every token and a dense model uses every weight, so there DDP skips the extra autograd pass."""
+    from test_distributed import accelerator_kwargs
+
     from layermoe.training import distributed
     from layermoe.training.config import TrainConfig
 
-    seen = {}
-
-    class Recorder:
-        def __init__(self, **kwargs):
-            seen.update(kwargs)
-            raise RuntimeError("stop here")
-
-    monkeypatch.setattr("accelerate.Accelerator", Recorder)
-    with pytest.raises(RuntimeError, match="stop here"):
-        distributed.make_accelerator(TrainConfig(stage=stage, report_to="none"),
-                                     find_unused_parameters=distributed.parameters_may_go_unused(stage, dense))
+    seen = accelerator_kwargs(monkeypatch, TrainConfig(stage=stage, report_to="none"),
+                              find_unused_parameters=distributed.parameters_may_go_unused(stage, dense))
     flags = [h.find_unused_parameters for h in seen["kwargs_handlers"] if hasattr(h, "find_unused_parameters")]
     assert flags == [expected]
 

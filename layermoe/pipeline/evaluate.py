@@ -18,6 +18,7 @@ from layermoe.core.console import console, err_console
 from layermoe.core.devices import dtype_name, resolve_device, resolve_dtype, torch_dtype
 from layermoe.core.errors import LayermoeError
 from layermoe.core.manifest import EvalRecord, Generation, LanguageEval, Manifest, NamedTestSet, StepStatus
+from layermoe.core.numbers import signed
 from layermoe.core.progress import token_progress
 from layermoe.core.workdir import Workdir, run_step, session
 from layermoe.data import describe_source, load_documents, parse_data_args
@@ -219,10 +220,10 @@ class _Asked:
     loaded: LoadedTasks | None = None  # the tasks, their data loaded before any model (check_tasks_load)
 
 
-def _benchmark_config(record: EvalRecord, model: ModelUnderTest, asked: _Asked) -> dict:
-    """The lm-eval settings of the run `record` will hold last: those asked when they are run, else (the same
-    model) those it holds."""
-    if asked.tasks and not _benchmarks_known(record, model, asked):
+def _benchmark_config(record: EvalRecord, model: ModelUnderTest, asked: _Asked, known: bool) -> dict:
+    """The lm-eval settings of the run `record` will hold last: those asked when they are run (not `known`,
+    from `_benchmarks_known`), else (the same model) those it holds."""
+    if asked.tasks and not known:
         return {"tasks": list(asked.tasks), "num_fewshot": asked.num_fewshot, "limit": asked.limit}
     if _same_model(record, model) and record.lm_eval is not None:
         return {k: record.config.get(k) for k in BENCHMARK_KEYS}
@@ -262,8 +263,8 @@ def _measure_record(run: _EvalRun, record: EvalRecord, model: ModelUnderTest, jo
     same_cap = (same_model and record.config.get("max_tokens") == max_tokens
                 and record.config.get("dtype", "float32") == model.dtype)
     config = dict(model=model.label, model_sha256=model.fingerprint, max_tokens=max_tokens, dtype=model.dtype)
-    config.update(_benchmark_config(record, model, asked))
     benchmarks_known = _benchmarks_known(record, model, asked)
+    config.update(_benchmark_config(record, model, asked, benchmarks_known))
     held_out = [job.name for job in jobs if job.name not in {t.name for t in test_sets}]
     known = manifest.generation_of_language()
 
@@ -350,7 +351,7 @@ def _numbers(manifest: Manifest, generation: Generation, record: EvalRecord) -> 
 
 
 def _delta(value: float, before) -> str:
-    return "—" if before is None else f"{round(value - before.bpb, 4) + 0.0:+.4f}"  # + 0.0: no "-0.0000"
+    return "—" if before is None else signed(value - before.bpb)
 
 
 def eval_table(manifest: Manifest, generation: Generation, record: EvalRecord) -> Table:
@@ -371,7 +372,7 @@ def eval_table(manifest: Manifest, generation: Generation, record: EvalRecord) -
         parts.append(f"New-avg {record.new_avg:.4f}")
     for key in ("forgetting", "gain"):
         if record.metrics.get(key) is not None:
-            parts.append(f"{key} {round(record.metrics[key], 4) + 0.0:+.4f}")  # no "-0.0000"
+            parts.append(f"{key} {signed(record.metrics[key])}")
     table.caption = " · ".join(parts)
     table.min_width = len(table.caption)  # the summary on one line (Rich wraps a caption at the table's width)
     return table
@@ -466,7 +467,7 @@ def lm_eval_table(manifest: Manifest, record: EvalRecord) -> Table:
         cells += [_score(value), "—" if _score(stderr) == "—" else f"±{stderr:.4f}"]
         if not is_base:
             numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, before))
-            cells.append(f"{round(value - before, 4) + 0.0:+.4f}" if numeric else "—")  # + 0.0: no "-0.0000"
+            cells.append(signed(value - before) if numeric else "—")
         body.append(cells)
     # nothing shortened to "…": the figures keep their widest cell, and on a narrow terminal a long
     # task or metric name folds onto the next lines (whole) rather than push the figures out of sight

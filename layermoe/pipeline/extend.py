@@ -96,8 +96,6 @@ def _profile_kept(workdir: Workdir, manifest: Manifest, generation: Generation, 
     with another strategy starts at the allocation."""
     try:
         yield
-    except StepAlreadyDone:
-        raise
     except LayermoeError as e:
         record, name = ((generation.allocation, "allocation") if generation.allocation.status != StepStatus.done
                         else (generation.expansion, "expansion"))
